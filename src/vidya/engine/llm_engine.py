@@ -1,0 +1,191 @@
+"""The step-level engine: add requests, step, abort. The loop is three lines: schedule, run
+the model, update from the output. Everything else lives in the parts it calls."""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import torch
+
+from vidya.config import EngineArgs
+from vidya.engine.detokenizer import IncrementalDetokenizer
+from vidya.engine.kv_cache_manager import KVCacheManager
+from vidya.engine.model_runner import ModelRunner, num_kv_blocks
+from vidya.engine.output_processor import RequestState, SampleState, update_sample
+from vidya.engine.request import Request, RequestStatus
+from vidya.engine.sampler import Sampler
+from vidya.engine.scheduler import Scheduler
+from vidya.engine.stats import EngineStats
+from vidya.models import loader
+from vidya.outputs import RequestOutput
+from vidya.platform import resolve_device, resolve_dtype
+from vidya.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        t0 = time.perf_counter()
+        self.args = args
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        src = loader.resolve(args.model)
+        self.model_config = loader.load_config(src)
+        self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
+        self.max_model_len = self._max_model_len(args.max_model_len)
+        self._log(f"loading {args.model} ({'GGUF' if src.is_gguf else 'safetensors'}) as "
+                  f"{str(self.dtype).removeprefix('torch.')} on {self.device}")
+        model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
+                                  progress=args.show_progress)
+        cache = args.cache_config()
+        num_blocks = num_kv_blocks(cache, self.model_config, self.dtype, self.device)
+        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.dtype, self.device)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
+        self.sampler = Sampler(args.seed)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.states: dict[str, RequestState] = {}
+        self.sample_of: dict[str, tuple[RequestState, SampleState]] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
+                  f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
+
+    def _log(self, msg: str) -> None:
+        if self.args.show_progress:
+            print(f"vidya: {msg}", file=sys.stderr, flush=True)
+
+    def _max_model_len(self, asked: int | None) -> int:
+        limit = int(getattr(self.model_config, "max_position_embeddings", 2048) or 2048)
+        window = getattr(self.model_config, "sliding_window", None)
+        if window and getattr(self.model_config, "use_sliding_window", True) is not False:
+            limit = min(limit, int(window))  # sliding-window attention is not implemented: stay inside it
+        if asked is None:
+            return limit
+        if asked > limit:
+            raise ValueError(f"max_model_len {asked} is larger than the model's context ({limit}); "
+                             f"pass --max-model-len {limit} or less")
+        return asked
+
+    # ---- requests --------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use completions with a plain prompt")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        except Exception as e:
+            raise ValueError(f"chat template error: {e}") from None
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None, prompt_text: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or self.new_request_id()
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text, token_ids = prompt, self.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
+        if max_tokens < 1:
+            max_tokens = 1  # let check_fits say the prompt alone fills the context
+        self.scheduler.check_fits(len(token_ids), max_tokens)
+        state = RequestState(request_id, prompt_text, token_ids, [])
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            child = Request(child_id, token_ids, params.for_child(i) if params.n > 1 else params,
+                            self.eos_token_id, max_tokens, arrival_time=state.arrival_time)
+            detok = IncrementalDetokenizer.for_prompt(self.tokenizer, token_ids, params.skip_special_tokens)
+            sample = SampleState(i, child, detok, [] if params.logprobs is not None else None)
+            state.samples.append(sample)
+            self.sample_of[child_id] = (state, sample)
+        self.states[request_id] = state
+        # n > 1: the first sample computes the prompt; the others join once it has, sharing
+        # its blocks through the prefix cache instead of computing the prompt n times.
+        share = params.n > 1 and self.kv.enable_caching
+        first, rest = state.samples[0].request, [s.request for s in state.samples[1:]]
+        self.scheduler.add_request(first)
+        if share:
+            state.pending = rest
+        else:
+            for r in rest:
+                self.scheduler.add_request(r)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request (all its samples) wherever it is; its blocks are free at once."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return False
+        for s in state.samples:
+            self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._forget(s)
+            s.finish_reason = s.finish_reason or "abort"
+        state.pending.clear()
+        return True
+
+    def _forget(self, sample: SampleState) -> None:
+        self.sample_of.pop(sample.request.request_id, None)
+        self.sampler.forget(sample.request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.states)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits, requests = self.runner.execute(sched)
+        return self._update(sched, requests, self.sampler(logits, requests) if requests else None)
+
+    def _update(self, sched, requests: list[Request], sampled) -> list[RequestOutput]:
+        now = time.monotonic()
+        tokens = {}
+        logprobs = {}
+        if sampled is not None:
+            for req, tok, lp in zip(requests, sampled.token_ids, sampled.logprobs):
+                tokens[req.request_id] = tok
+                logprobs[req.request_id] = lp
+        advanced = self.scheduler.update_from_output(sched, tokens)
+        self.stats.record_step(sched, self.scheduler, now)
+        touched: dict[str, RequestState] = {}
+        for req in advanced:
+            state, sample = self.sample_of[req.request_id]
+            state.first_token_time = state.first_token_time or now
+            if update_sample(sample, tokens[req.request_id], logprobs[req.request_id], self.tokenizer):
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = sample.stop_reason
+            if req.status.finished:
+                sample.finish_reason = req.status.finish_reason
+                sample.stop_reason = req.stop_reason
+                self._forget(sample)
+            if state.pending:
+                for r in state.pending:
+                    self.scheduler.add_request(r, front=True)
+                state.pending = []
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            outputs.append(state.output())
+            if state.finished:
+                self.states.pop(state.request_id, None)
+                self.stats.record_finished(state, now)
+        return outputs
+
+    def check(self) -> None:
+        """Assert every invariant of the scheduler and the block pool."""
+        self.scheduler.check()

@@ -1,0 +1,118 @@
+"""Owns the model and its paged KV cache; turns a SchedulerOutput into one forward pass and
+returns the logits of the rows that sample."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vidya.attention import AttentionMetadata
+from vidya.config import CacheConfig
+from vidya.engine.request import Request
+from vidya.engine.scheduler import ScheduledRequest, SchedulerOutput
+from vidya.models.llama import head_dim_of
+
+GiB = 1 << 30
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config)
+    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: torch.device) -> int:
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    per_block = kv_bytes_per_block(model_config, cache.block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * cache.gpu_memory_utilization - (total - free) - 0.5 * GiB  # activations
+    else:
+        budget = (cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB) * GiB
+    n = int(budget // per_block)
+    if n < 1:
+        raise ValueError("No memory is left for the KV cache: raise --gpu-memory-utilization or "
+                         "--kv-cache-memory, or use a smaller model")
+    return n
+
+
+@dataclass(slots=True)
+class ModelInput:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the flat batch whose next token is sampled
+    sampling_requests: list[Request]  # in the order of logits_indices
+
+
+class ModelRunner:
+    def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = cache.block_size
+        kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
+        shape = (num_blocks, cache.block_size, kvh, d)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(model_config.num_hidden_layers)]
+
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        bs = self.block_size
+        decodes = [s for s in out.scheduled if s.num_new_tokens == 1 and s.samples]
+        prefills = [s for s in out.scheduled if not (s.num_new_tokens == 1 and s.samples)]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[Request] = []
+        prefill_meta = []
+
+        def add(s: ScheduledRequest) -> None:
+            r, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            ids.extend(r.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if s.samples:
+                logits_rows.append(len(ids) - 1)
+                sampling.append(r)
+
+        for s in decodes:
+            add(s)
+        for s in prefills:
+            q_start = len(ids)
+            add(s)
+            seq_len = s.request.num_computed_tokens + s.num_new_tokens
+            prefill_meta.append((q_start, s.num_new_tokens, seq_len,
+                                 torch.tensor(s.block_ids, dtype=torch.long, device=self.device)))
+        dev = self.device
+        if decodes:
+            width = max(len(s.block_ids) for s in decodes)
+            tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes],
+                                  dtype=torch.long, device=dev)
+            lens = [s.request.num_computed_tokens + 1 for s in decodes]
+        else:
+            tables, lens = torch.zeros((0, 1), dtype=torch.long, device=dev), []
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decodes),
+            decode_block_tables=tables,
+            decode_seq_lens=torch.tensor(lens, dtype=torch.long, device=dev),
+            decode_max_seq_len=max(lens, default=0),
+            prefills=prefill_meta,
+            block_size=bs,
+        )
+        return ModelInput(torch.tensor(ids, dtype=torch.long, device=dev),
+                          torch.tensor(positions, dtype=torch.long, device=dev), meta,
+                          torch.tensor(logits_rows, dtype=torch.long, device=dev), sampling)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
+        inp = self.prepare(out)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        if not inp.sampling_requests:
+            return hidden.new_empty((0, 0)), []
+        return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampling_requests

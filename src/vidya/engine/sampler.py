@@ -1,0 +1,135 @@
+"""Turn a step's logits into tokens, per request, in one mixed batch.
+
+Order, as vLLM: logit_bias, min_tokens (EOS/stop ids masked), penalties, then greedy rows take
+the argmax; the others get temperature, top-k, top-p, min-p and draw. A seeded request draws
+from its own generator, so its text does not depend on what else shares the batch. Logprobs
+are of the model's raw distribution (before any of the above).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vidya.engine.request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # per row, when asked: (sampled logprob, sampled rank, [(token_id, logprob), ...] top-k)
+    logprobs: list[tuple[float, int, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.request_generators: dict[str, torch.Generator] = {}
+
+    def generator_for(self, req: Request) -> torch.Generator | None:
+        seed = req.sampling_params.seed
+        if seed is None:
+            return None
+        g = self.request_generators.get(req.request_id)
+        if g is None:
+            g = torch.Generator().manual_seed(seed)
+            self.request_generators[req.request_id] = g
+        return g
+
+    def forget(self, request_id: str) -> None:
+        self.request_generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        logits = logits.float().cpu()
+        raw = logits
+        logits = logits.clone()
+        for i, req in enumerate(requests):
+            self._adjust(logits[i], req)
+        tokens = torch.empty(len(requests), dtype=torch.long)
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        if greedy:
+            idx = torch.tensor(greedy)
+            tokens[idx] = logits[idx].argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows)
+            probs = self._probs(logits[idx], [requests[i] for i in random_rows])
+            # Exponential race: argmax(p / E), E ~ Exp(1), draws from p; per-row generators for seeds.
+            e = torch.empty_like(probs)
+            for j, i in enumerate(random_rows):
+                e[j].exponential_(generator=self.generator_for(requests[i]) or self.generator)
+            tokens[idx] = (probs / e).argmax(dim=-1)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
+
+    @staticmethod
+    def _adjust(row: torch.Tensor, req: Request) -> None:
+        sp = req.sampling_params
+        if sp.logit_bias:
+            ids = torch.tensor(list(sp.logit_bias.keys()), dtype=torch.long)
+            row[ids] += torch.tensor(list(sp.logit_bias.values()), dtype=row.dtype)
+        if req.num_output_tokens < sp.min_tokens:
+            banned = list(sp.stop_token_ids)
+            if req.eos_token_id is not None and not sp.ignore_eos:
+                banned.append(req.eos_token_id)
+            if banned:
+                row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+        if sp.uses_penalties:
+            vocab = row.shape[0]
+            out_ids = torch.tensor(req.output_token_ids, dtype=torch.long)
+            out_ids = out_ids[out_ids < vocab]
+            counts = torch.bincount(out_ids, minlength=vocab).to(row.dtype)
+            if sp.repetition_penalty != 1.0:
+                seen = counts > 0
+                prompt_ids = torch.tensor(req.prompt_token_ids, dtype=torch.long)
+                seen[prompt_ids[prompt_ids < vocab]] = True
+                penalised = torch.where(row > 0, row / sp.repetition_penalty, row * sp.repetition_penalty)
+                row.copy_(torch.where(seen, penalised, row))
+            row -= sp.frequency_penalty * counts
+            row -= sp.presence_penalty * (counts > 0).to(row.dtype)
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temps = torch.tensor([r.sampling_params.temperature for r in requests]).unsqueeze(1)
+        logits = logits / temps
+        top_ks = [r.sampling_params.top_k for r in requests]
+        if any(top_ks):
+            vocab = logits.shape[1]
+            k = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks])
+            sorted_vals = logits.sort(dim=-1, descending=True).values
+            kth = sorted_vals.gather(1, (k - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        top_ps = torch.tensor([r.sampling_params.top_p for r in requests])
+        if (top_ps < 1.0).any():
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly before each token
+            drop = before >= top_ps.unsqueeze(1)
+            drop[:, 0] = False  # always keep the most likely token
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        min_ps = torch.tensor([r.sampling_params.min_p for r in requests])
+        if (min_ps > 0).any():
+            cutoff = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
+            probs = probs.masked_fill(probs < cutoff, 0.0)
+        return probs
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, requests: list[Request], tokens: list[int]):
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        out: list = [None] * len(requests)
+        if not rows:
+            return out
+        lp = torch.log_softmax(raw[torch.tensor(rows)], dim=-1)
+        for j, i in enumerate(rows):
+            k = requests[i].sampling_params.logprobs
+            tok = tokens[i]
+            sampled = lp[j, tok]
+            rank = int((lp[j] > sampled).sum()) + 1
+            top = []
+            if k:
+                vals, ids = lp[j].topk(k)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            out[i] = (float(sampled), rank, top)
+        return out

@@ -1,0 +1,191 @@
+"""Continuous batching under a token budget. Pure CPU logic: no tensors, no model.
+
+Each step:
+  1. running requests, in admission order, each catch up by as many tokens as the budget allows
+     (1 for a decode, a chunk for a long prompt); when the pool is out of blocks, the most
+     recently admitted running request is preempted (recompute) to make room;
+  2. then waiting requests, front first, while budget, `max_num_seqs` and blocks last; a prefix
+     hit is found before the chunk is sized.
+`update_from_output` applies the sampled tokens and finishes requests; their blocks go back to
+the pool at once, so the next `schedule()` admits waiting requests into the freed room.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vidya.config import SchedulerConfig
+from vidya.engine.kv_cache_manager import KVCacheManager
+from vidya.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the request's last token, so a new token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, request: Request, front: bool = False) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_fits(request.num_prompt_tokens, request.max_tokens)
+        self.requests[request.request_id] = request
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject, with the numbers, a request that could never run to completion."""
+        need = num_prompt_tokens + max_tokens
+        if need > self.config.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. "
+                f"However, you requested {need} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if need > capacity:
+            raise ValueError(
+                f"The request needs {need} tokens of KV cache ({num_prompt_tokens} prompt + "
+                f"{max_tokens} max_tokens) but the whole cache holds {capacity} "
+                f"({self.kv.num_blocks} blocks of {self.kv.block_size}). Raise the KV cache size "
+                f"or lower max_tokens.")
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+                budget -= n
+                i += 1
+                continue
+            break
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        out.num_scheduled_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, n, hits):
+                break  # no room: it waits, in order, until blocks come back
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:  # count the first admission only, not recomputes
+                req.num_cached_tokens = num_hit
+                self.kv.record_prefix_query(req.num_tokens, num_hit)
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- after the model ran ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish requests that hit a limit.
+        Returns the requests that got a new token this step."""
+        advanced = []
+        for s in out.scheduled:
+            req = s.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            advanced.append(req)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish_request(req.request_id, status)
+        return advanced
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and token == req.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if token in sp.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish (or abort) a request wherever it is; frees its blocks. Idempotent."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def check(self) -> None:
+        self.kv.check()
+        live = {r.request_id for r in self.running}
+        assert set(self.kv.req_blocks) <= live, "a request that is not running holds blocks"
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING
+            held = len(self.kv.req_blocks.get(r.request_id, ()))
+            # between steps a table covers exactly the computed tokens: only the last block is partial
+            assert held == -(-r.num_computed_tokens // self.kv.block_size), (
+                f"{r.request_id}: {held} blocks for {r.num_computed_tokens} computed tokens")
+        assert len(self.running) <= self.config.max_num_seqs

@@ -1,0 +1,1 @@
+"""Model code (Llama family, flat batches) and weight loading."""

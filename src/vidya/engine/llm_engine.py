@@ -40,10 +40,12 @@ class LLMEngine:
         model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
                                   progress=args.show_progress)
         cache = args.cache_config()
-        num_blocks = num_kv_blocks(cache, self.model_config, self.dtype, self.device)
+        sched_config = args.scheduler_config(self.max_model_len)
+        max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
+        num_blocks = num_kv_blocks(cache, self.model_config, self.dtype, self.device, max_useful)
         self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.dtype, self.device)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
+        self.scheduler = Scheduler(sched_config, self.kv)
         self.sampler = Sampler(args.seed)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.states: dict[str, RequestState] = {}

@@ -21,7 +21,10 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
-def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: torch.device) -> int:
+def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: torch.device,
+                  max_useful: int) -> int:
+    """Blocks that fit the memory budget, but no more than `max_useful` (every sequence at
+    max_model_len at once): a small model must not allocate millions of idle blocks."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     per_block = kv_bytes_per_block(model_config, cache.block_size, dtype)
@@ -30,7 +33,7 @@ def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: 
         budget = total * cache.gpu_memory_utilization - (total - free) - 0.5 * GiB  # activations
     else:
         budget = (cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB) * GiB
-    n = int(budget // per_block)
+    n = min(int(budget // per_block), max_useful)
     if n < 1:
         raise ValueError("No memory is left for the KV cache: raise --gpu-memory-utilization or "
                          "--kv-cache-memory, or use a smaller model")

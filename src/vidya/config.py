@@ -65,6 +65,8 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens!r}")
+        self.cache_config()  # validates before anything is loaded
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens or 1, self.max_model_len or 1)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(

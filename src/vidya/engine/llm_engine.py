@@ -83,6 +83,18 @@ class LLMEngine:
         except Exception as e:
             raise ValueError(f"chat template error: {e}") from None
 
+    def validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError (with the numbers) for a request that cannot run; returns its
+        resolved max_tokens. Reads configuration only, so any thread may call it."""
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
+        self.scheduler.check_fits(len(token_ids), max_tokens)
+        return max_tokens
+
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
@@ -93,18 +105,9 @@ class LLMEngine:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
-            prompt_text, token_ids = prompt, self.encode(prompt)
-        else:
-            token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
-        if max_tokens < 1:
-            max_tokens = 1  # let check_fits say the prompt alone fills the context
-        self.scheduler.check_fits(len(token_ids), max_tokens)
+            prompt_text, prompt = prompt, self.encode(prompt)
+        token_ids = list(prompt)
+        max_tokens = self.validate(token_ids, params)
         state = RequestState(request_id, prompt_text, token_ids, [])
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"

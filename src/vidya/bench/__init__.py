@@ -1,0 +1,1 @@
+"""Benchmarks: `vidya bench throughput` (offline engine, optional transformers baseline)."""

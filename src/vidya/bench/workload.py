@@ -1,0 +1,39 @@
+"""Benchmark workloads: chats with fixed output lengths (the shared tutor-64 format)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from vidya.sampling_params import SamplingParams
+
+DEFAULT_WORKLOAD = os.path.join(os.path.dirname(__file__), "tutor-64.json")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    conversations: list[list[dict]]
+    max_tokens: int
+    temperature: float
+    ignore_eos: bool
+    min_tokens: int
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens,
+                              min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
+
+
+def load_workload(path: str | None = None, num_prompts: int | None = None) -> Workload:
+    path = path or DEFAULT_WORKLOAD
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        convs = [r["messages"] for r in data["requests"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read workload {path}: {e}; expected the tutor-64.json format") from None
+    if num_prompts:
+        convs = (convs * (num_prompts // len(convs) + 1))[:num_prompts]
+    return Workload(data.get("name", os.path.basename(path)), convs, int(data.get("max_tokens", 128)),
+                    float(data.get("temperature", 0.0)), bool(data.get("ignore_eos", True)),
+                    int(data.get("min_tokens", 0)))

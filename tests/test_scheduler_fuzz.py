@@ -105,19 +105,28 @@ def test_preemption_takes_the_most_recent_and_keeps_its_output():
 
 
 def test_request_that_can_never_fit_is_rejected_with_numbers():
+    import pytest
     kv = KVCacheManager(4, 4)
     sched = Scheduler(SchedulerConfig(4, 64, 100), kv)
-    r = Request("a", list(range(10)), SamplingParams(max_tokens=10), None, 10)
-    try:
-        sched.add_request(r)
-    except ValueError as e:
-        assert "20" in str(e) and "16" in str(e)
-    else:
-        raise AssertionError("expected a ValueError")
-    r2 = Request("b", list(range(90)), SamplingParams(max_tokens=20), None, 20)
-    try:
-        sched.add_request(r2)
-    except ValueError as e:
-        assert "maximum context length is 100" in str(e) and "110" in str(e)
-    else:
-        raise AssertionError("expected a ValueError")
+    over_pool = Request("a", list(range(10)), SamplingParams(max_tokens=10), None, 10)
+    with pytest.raises(ValueError, match=r"needs 20 tokens .* holds 16"):
+        sched.add_request(over_pool)
+    over_context = Request("b", list(range(90)), SamplingParams(max_tokens=20), None, 20)
+    with pytest.raises(ValueError, match=r"maximum context length is 100 .* requested 110"):
+        sched.add_request(over_context)
+    assert not sched.has_unfinished
+
+
+def test_a_finished_request_leaves_and_a_waiting_one_joins_at_once():
+    kv = KVCacheManager(8, 4)
+    sched = Scheduler(SchedulerConfig(1, 64, 64), kv)  # room for one sequence at a time
+    a = Request("a", [5, 6, 7], SamplingParams(max_tokens=1), None, 1)
+    b = Request("b", [8, 9], SamplingParams(max_tokens=1), None, 1)
+    sched.add_request(a)
+    sched.add_request(b)
+    first = sched.schedule()
+    assert [s.request.request_id for s in first.scheduled] == ["a"]
+    sched.update_from_output(first, {"a": 3})
+    assert a.is_finished and kv.pool.num_free_blocks == 8
+    second = sched.schedule()
+    assert [s.request.request_id for s in second.scheduled] == ["b"]

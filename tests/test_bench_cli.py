@@ -1,0 +1,28 @@
+"""`vidya bench throughput` runs end to end through the CLI (a smoke test of the benchmark's
+plumbing on a tiny model: it measures nothing and asserts no speed)."""
+from __future__ import annotations
+
+import json
+
+from vidya.cli import main
+
+
+def test_bench_throughput_with_hf_baseline_writes_a_report(tiny_models, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = main(["bench", "throughput", "--model", tiny_models["llama"][0], "--num-prompts", "6",
+               "--block-size", "4", "--baseline", "hf", "--baseline-requests", "1", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    vidya_row, hf_row = report["rows"]
+    assert vidya_row["requests"] == 6 and vidya_row["output_tokens"] == 6 * 128
+    assert hf_row["requests"] == 1 and hf_row["output_tokens"] == 128
+    assert 0.0 <= vidya_row["kv_waste"] < 1.0
+    assert vidya_row["x_vs_hf"] > 0
+    assert "out tok/s" in capsys.readouterr().out
+
+
+def test_cli_reports_user_errors_without_a_traceback(capsys):
+    rc = main(["bench", "throughput", "--model", "/no/such/dir"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err

@@ -142,10 +142,6 @@ class BlockPool:
                 del self.cached[block.block_hash]
             block.block_hash = None
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.free_queue:
-            self._evict(block)
-
     def check(self, block_tables: Iterable[Sequence[KVBlock]] = ()) -> None:
         """Assert the pool's invariants; `block_tables` are all live requests' tables."""
         free = list(self.free_queue)

@@ -166,7 +166,7 @@ class LLMEngine:
                 tokens[req.request_id] = tok
                 logprobs[req.request_id] = lp
         advanced = self.scheduler.update_from_output(sched, tokens)
-        self.stats.record_step(sched, self.scheduler, now)
+        self.stats.record_step(self.scheduler)
         touched: dict[str, RequestState] = {}
         for req in advanced:
             state, sample = self.sample_of[req.request_id]

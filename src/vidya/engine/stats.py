@@ -7,19 +7,13 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class EngineStats:
     num_steps: int = 0
-    prompt_tokens: int = 0  # computed (prefill) tokens, recomputes included
-    generation_tokens: int = 0
     waste_sum: float = 0.0  # sum over steps of (allocated - holding) / allocated
     waste_steps: int = 0
     finished: list[tuple[float, float | None, float]] = field(default_factory=list)  # arrival, ttft, e2e
 
-    def record_step(self, sched, scheduler, now: float) -> None:
+    def record_step(self, scheduler) -> None:
         self.num_steps += 1
-        sampled = sum(1 for s in sched.scheduled if s.samples)
-        self.generation_tokens += sampled
-        self.prompt_tokens += sched.num_scheduled_tokens - sampled
-        kv = scheduler.kv
-        allocated = kv.num_slots_allocated()
+        allocated = scheduler.kv.num_slots_allocated()
         if allocated:
             holding = sum(r.num_computed_tokens for r in scheduler.running)
             self.waste_sum += (allocated - holding) / allocated

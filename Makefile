@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidya-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
 
 .PHONY: install serve chat test bench clean
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/vidya chat
+	$(VENV)/bin/vidya serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 chat: install
 	$(VENV)/bin/vidya chat

@@ -77,3 +77,18 @@ def assert_all_blocks_free(engine) -> None:
     engine.check()
     pool = engine.kv.pool
     assert pool.num_free_blocks == pool.num_blocks, f"{pool.num_blocks - pool.num_free_blocks} blocks still held"
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One `vidya serve` on the embedded default model, shared by the server tests."""
+    from serverutil import LiveServer
+    s = LiveServer("--max-num-seqs", "128", "--max-model-len", "2048")
+    yield s
+    s.terminate()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -26,3 +26,25 @@ def test_cli_reports_user_errors_without_a_traceback(capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_bench_serve_against_a_live_server(server, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", "--base-url", server.url, "--num-prompts", "6", "--concurrency", "3",
+               "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "smollm2" and report["completed"] == 6 and report["failed"] == 0
+    assert report["output_tokens"] == 6 * 128  # the workload asks for ignore_eos: exactly max_tokens each
+    for name in ("ttft", "itl", "e2e"):
+        assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p90_ms"] <= report[f"{name}_p99_ms"]
+    assert report["ttft_p99_ms"] <= report["e2e_p99_ms"]
+    assert "output tok/s" in capsys.readouterr().out
+
+
+def test_bench_serve_names_an_unreachable_server(capsys):
+    from serverutil import free_port
+    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "is the server running" in err and "Traceback" not in err

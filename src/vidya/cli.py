@@ -1,7 +1,10 @@
-"""The `vidya` command: `chat` (a terminal conversation with the offline engine) and `bench`."""
+"""The `vidya` command: `serve` (the OpenAI-compatible server), `chat` (a terminal conversation
+with the offline engine) and `bench` (`throughput` offline, `serve` against any OpenAI server)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -13,12 +16,61 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4)")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights and KV cache (GPU only)")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_args(args, show_progress: bool = True):
+    from vidya.config import EngineArgs
+    return EngineArgs(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                      show_progress=show_progress)
+
+
+def origins(value: str) -> list[str]:
+    """--allowed-origins takes vLLM's JSON list ('["https://a"]') or plain origins."""
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {value}") from None
+        if not all(isinstance(o, str) for o in parsed):
+            raise argparse.ArgumentTypeError("--allowed-origins must list strings")
+        return parsed
+    return [value]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in 'model' (default: the --model value)")
+    p.add_argument("--api-key", nargs="+", default=None,
+                   help="require one of these keys as 'Authorization: Bearer KEY' (or set VIDYA_API_KEY)")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="answer 429 when this many requests wait for the engine (0: no limit)")
+    p.add_argument("--max-tokens-default", type=int, default=None,
+                   help="max_tokens for requests that give none (default: up to the context window)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight may take to finish after SIGTERM")
+    p.add_argument("--allowed-origins", type=origins, nargs="+", default=None,
+                   help="CORS origins allowed to call the API (default: none, CORS off)")
+    p.add_argument("--timeout-keep-alive", type=int, default=75,
+                   help="seconds an idle keep-alive connection stays open (above an ingress's 60)")
+    p.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--disable-uvicorn-access-log", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidya", description="vidya: LLM serving engine and Hindi study tutor")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_args(sub.add_parser("serve", help="serve the OpenAI-compatible API (and the tutor page)"))
     chat = sub.add_parser("chat", help="talk to the tutor in the terminal (offline engine)")
     add_engine_args(chat)
     chat.add_argument("--system", default="You are a helpful Hindi study tutor. Answer in the student's language.")
@@ -34,7 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--baseline-requests", type=int, default=8,
                     help="requests the transformers baseline runs (one at a time; default 8)")
     tp.add_argument("--json", default=None, help="also write the report here")
+    from vidya.bench import serve as bench_serve
+    bench_serve.add_args(bsub.add_parser("serve", help="load-test a running OpenAI-compatible server"))
     return parser
+
+
+def run_serve(args) -> int:
+    from vidya.server.app import ServerSettings
+    from vidya.server.launcher import serve
+    keys = args.api_key or ([os.environ["VIDYA_API_KEY"]] if os.environ.get("VIDYA_API_KEY") else [])
+    for name in ("max_waiting", "max_tokens_default", "port", "timeout_keep_alive"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.max_tokens_default == 0:
+        raise ValueError("--max-tokens-default must be >= 1")
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [args.model], api_keys=keys,
+        max_waiting=args.max_waiting or None, max_tokens_default=args.max_tokens_default,
+        allowed_origins=[o for group in args.allowed_origins or [] for o in group])
+    return serve(engine_args(args), settings, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                 timeout_keep_alive=args.timeout_keep_alive, log_level=args.uvicorn_log_level,
+                 access_log=not args.disable_uvicorn_access_log)
 
 
 def run_chat(args) -> int:
@@ -75,11 +148,16 @@ def run_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "chat":
             return run_chat(args)
         if args.command == "bench" and args.bench == "throughput":
             from vidya.bench.throughput import main as bench_main
             return bench_main(args)
+        if args.command == "bench" and args.bench == "serve":
+            from vidya.bench.serve import main as bench_serve_main
+            return bench_serve_main(args)
     except ValueError as e:  # user-fixable: bad flag values, model not found, ...
         print(f"vidya: error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,14 @@ class AsyncLLM:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    def num_waiting(self) -> int:
+        """Requests queued for the engine: in its waiting queue or not yet handed to it.
+        Read from other threads; may be a step old."""
+        return len(self.engine.scheduler.waiting) + self._commands.qsize()
+
     # ---- caller side -----------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -75,11 +75,12 @@ class LLMEngine:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids
 
-    def apply_chat_template(self, messages: list[dict], **kwargs) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use completions with a plain prompt")
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as e:
             raise ValueError(f"chat template error: {e}") from None
 
@@ -139,6 +140,7 @@ class LLMEngine:
             self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_ABORTED)
             self._forget(s)
             s.finish_reason = s.finish_reason or "abort"
+            self.stats.finished_by_reason[s.finish_reason] += 1
         state.pending.clear()
         return True
 
@@ -154,8 +156,17 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        self._record_queue_time(sched)
         logits, requests = self.runner.execute(sched)
         return self._update(sched, requests, self.sampler(logits, requests) if requests else None)
+
+    def _record_queue_time(self, sched) -> None:
+        now = time.monotonic()
+        for s in sched.scheduled:
+            entry = self.sample_of.get(s.request.request_id)
+            if entry is not None and entry[0].scheduled_time is None:
+                entry[0].scheduled_time = now
+                self.stats.queue_time.observe(now - entry[0].arrival_time)
 
     def _update(self, sched, requests: list[Request], sampled) -> list[RequestOutput]:
         now = time.monotonic()
@@ -170,7 +181,11 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         for req in advanced:
             state, sample = self.sample_of[req.request_id]
-            state.first_token_time = state.first_token_time or now
+            if state.first_token_time is None:
+                state.first_token_time = now
+                self.stats.record_first_token(len(state.prompt_token_ids), now - state.arrival_time)
+            self.stats.record_token(now - sample.last_token_time if sample.last_token_time else None)
+            sample.last_token_time = now
             if update_sample(sample, tokens[req.request_id], logprobs[req.request_id], self.tokenizer):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = sample.stop_reason

@@ -21,6 +21,7 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
+    last_token_time: float | None = None
 
     def completion(self, stops: list[str]) -> CompletionOutput:
         text = self.text
@@ -41,6 +42,7 @@ class RequestState:
     samples: list[SampleState]
     pending: list[Request] = field(default_factory=list)  # n > 1 samples not yet scheduled
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property

@@ -43,6 +43,10 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class ContextLengthExceeded(ValueError):
+    """Prompt + max_tokens do not fit the context window or the whole KV cache."""
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
@@ -67,13 +71,13 @@ class Scheduler:
         """Reject, with the numbers, a request that could never run to completion."""
         need = num_prompt_tokens + max_tokens
         if need > self.config.max_model_len:
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.config.max_model_len} tokens. "
                 f"However, you requested {need} tokens ({num_prompt_tokens} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
         capacity = self.kv.num_blocks * self.kv.block_size
         if need > capacity:
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"The request needs {need} tokens of KV cache ({num_prompt_tokens} prompt + "
                 f"{max_tokens} max_tokens) but the whole cache holds {capacity} "
                 f"({self.kv.num_blocks} blocks of {self.kv.block_size}). Raise the KV cache size "

@@ -1,0 +1,88 @@
+"""`vidya serve`: one process, uvicorn in front, the engine loop in a background thread.
+
+Lifecycle:
+  1. the port opens at once; the model loads in a thread (`/health` 503 until it is ready);
+  2. serving;
+  3. SIGTERM (or Ctrl-C): `/health` and new requests answer 503, requests in flight finish,
+     for at most `--shutdown-timeout` seconds; then the process exits 0. A second signal
+     stops at once.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+
+from vidya.config import EngineArgs
+from vidya.engine.async_llm import AsyncLLM
+from vidya.models import loader
+from vidya.server.app import ServerSettings, ServerState, build_app
+from vidya.server.serving import Serving
+
+log = logging.getLogger("vidya.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a stop signal first drains: the socket stays open so load balancers and
+    clients get a clear 503 instead of a refused connection."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:  # runs in the signal handler: flags only
+        if self.drain_started is not None:
+            self.should_exit = self.force_exit = True
+            return
+        self.drain_started = time.monotonic()
+        self.state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        if self.drain_started is None:
+            return False
+        done = self.state.in_flight == 0
+        late = time.monotonic() - self.drain_started > self.shutdown_timeout
+        if done or late:
+            print(f"vidya: drained ({self.state.in_flight} requests still open), exiting", file=sys.stderr, flush=True)
+        return done or late
+
+
+def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, server: DrainingServer) -> None:
+    try:
+        llm = AsyncLLM(args)
+        state.llm = llm
+        state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default)
+        print(f"vidya: serving {', '.join(settings.served_model_names)}", file=sys.stderr, flush=True)
+    except BaseException as e:  # noqa: BLE001 - reported, then the process exits non-zero
+        state.load_error = f"{type(e).__name__}: {e}"
+        print(f"vidya: error: the model failed to load: {e}", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+
+def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
+          shutdown_timeout: float = 30.0, timeout_keep_alive: int = 75, log_level: str = "info",
+          access_log: bool = True) -> int:
+    loader.resolve(args.model)  # a wrong --model fails here, before the port opens
+    state = ServerState()
+    app = build_app(settings, state)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=2,
+                            lifespan="off")
+    server = DrainingServer(config, state, shutdown_timeout)
+    threading.Thread(target=load_engine, args=(args, settings, state, server), name="vidya-load", daemon=True).start()
+    server.run()
+    if state.llm is not None:
+        state.llm.shutdown()
+    return 1 if state.load_error or not server.started else 0
+
+
+def _install_default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

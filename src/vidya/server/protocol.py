@@ -1,0 +1,234 @@
+"""The OpenAI request bodies we accept, validated strictly, and their translation to
+`SamplingParams`. A field we do not implement is a 400 that names it, never silently ignored."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vidya.sampling_params import SamplingParams
+from vidya.server.errors import APIError, bad_request
+
+# Fields of the OpenAI API that this server knows but does not implement. Each may be sent with
+# its "off" value (the openai client and some frameworks send those); anything else is a 400.
+UNSUPPORTED_UNLESS = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "parallel_tool_calls": (None, False),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+    "suffix": (None, ""), "store": (None, False), "metadata": (None,), "service_tier": (None, "auto", "default"),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class _Common(Strict):
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    # known but not implemented: see UNSUPPORTED_UNLESS
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+
+    def check_supported(self) -> None:
+        for name, allowed in UNSUPPORTED_UNLESS.items():
+            if name in type(self).model_fields and getattr(self, name) not in allowed:
+                raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise bad_request("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+            if any(not -100 <= v <= 100 for v in bias.values()):
+                raise bad_request("logit_bias values must be between -100 and 100", param="logit_bias")
+        try:
+            return SamplingParams(
+                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+                stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+                logprobs=logprobs, logit_bias=bias, skip_special_tokens=self.skip_special_tokens)
+        except ValueError as e:
+            name = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), param=name if name in SamplingParams.__slots__ else None) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            raise bad_request(f"messages[{index}].content is required", param=f"messages[{index}].content")
+        parts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise bad_request(f"messages[{index}].content[{j}]: only text parts "
+                                  f"{{\"type\": \"text\", \"text\": \"...\"}} are supported",
+                                  param=f"messages[{index}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def conversation(self) -> list[dict]:
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            out.append({"role": role, "content": m.text(i)})
+        return out
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise bad_request("top_logprobs must be between 0 and 20", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: Any = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of other than n is not supported by this server", param="best_of",
+                              code="unsupported_parameter")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server",
+                              param="echo", code="unsupported_parameter")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+def _param(loc: tuple) -> str | None:
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif any(c in part for c in "[]-") or part in ("str", "int", "float", "bool", "list", "dict"):
+            break
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts) or None
+
+
+def parse(model: type[Strict], raw: bytes):
+    """Bytes of a request body -> a validated request object, or a 400 that says what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_input=False, include_url=False)[0]
+        param = _param(err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise bad_request(f"unknown or unsupported field '{param}'", param=param,
+                              code="unsupported_parameter") from None
+        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+    req.check_supported()
+    return req
+
+
+def require_json(content_type: str | None) -> None:
+    if not content_type or content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, "Content-Type must be application/json", code="invalid_content_type")
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of 'prompt' and 'messages'", param="prompt")
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+    def check_supported(self) -> None:
+        pass

@@ -1,0 +1,199 @@
+"""Chat and text completions: a validated request -> engine requests -> OpenAI response objects,
+whole or streamed as Server-Sent Events.
+
+Tokenizing and applying the chat template run in a worker thread, never on the event loop and
+never in the engine's step loop. Every check that can fail (model name, template, context
+length, sampling values) runs before a stream starts, so a stream never begins with an error.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from vidya.engine.async_llm import AsyncLLM, EngineDeadError
+from vidya.engine.scheduler import ContextLengthExceeded
+from vidya.outputs import CompletionOutput, RequestOutput
+from vidya.sampling_params import SamplingParams
+from vidya.server.errors import APIError, bad_request
+from vidya.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(slots=True)
+class Job:
+    """One engine request behind a response: its prompt ids, and where its choices go."""
+    prompt_ids: list[int]
+    prompt_text: str
+    params: SamplingParams
+    first_index: int  # choice index of its first sample
+
+
+class Serving:
+    def __init__(self, llm: AsyncLLM, model_names: list[str], max_tokens_default: int | None) -> None:
+        self.llm = llm
+        self.engine = llm.engine
+        self.model_names = model_names
+        self.max_tokens_default = max_tokens_default
+
+    # ---- preparing ---------------------------------------------------------------------------
+    def model_name(self, asked: str | None) -> str:
+        if asked is None or asked in self.model_names:
+            return asked or self.model_names[0]
+        raise APIError(404, f"The model '{asked[:200]}' does not exist; this server serves "
+                       f"{', '.join(self.model_names)}", param="model", code="model_not_found")
+
+    def _max_tokens(self, asked: int | None, num_prompt: int, fallback: int | None) -> int | None:
+        if asked is not None:
+            return asked
+        default = self.max_tokens_default or fallback
+        room = self.engine.max_model_len - num_prompt
+        return min(default, room) if default and room >= 1 else None
+
+    def _job(self, ids: list[int], text: str, req, asked_max: int | None, fallback: int | None,
+             logprobs: int | None, first_index: int, prompt_param: str) -> Job:
+        params = req.sampling_params(self._max_tokens(asked_max, len(ids), fallback), logprobs)
+        try:
+            self.engine.validate(ids, params)
+        except ContextLengthExceeded as e:
+            raise bad_request(str(e), param=prompt_param, code="context_length_exceeded") from None
+        except ValueError as e:
+            raise bad_request(str(e), param=prompt_param) from None
+        return Job(ids, text, params, first_index)
+
+    async def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:
+        conversation = req.conversation()
+
+        def render() -> tuple[str, list[int]]:
+            text = self.engine.apply_chat_template(conversation, **(req.chat_template_kwargs or {}))
+            return text, self.engine.tokenizer(text, add_special_tokens=False).input_ids
+
+        try:
+            text, ids = await asyncio.to_thread(render)
+        except ValueError as e:  # the template's own message
+            raise bad_request(str(e), param="messages") from None
+        return [self._job(ids, text, req, req.requested_max_tokens(), None, req.requested_logprobs(), 0, "messages")]
+
+    async def completion_jobs(self, req: CompletionRequest) -> list[Job]:
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise bad_request("logprobs must be between 0 and 20", param="logprobs")
+
+        def render(p: str | list[int]) -> tuple[str, list[int]]:
+            if isinstance(p, str):
+                return p, self.engine.encode(p)
+            return self.engine.tokenizer.decode(p), list(p)
+
+        jobs = []
+        for i, p in enumerate(req.prompts()):
+            text, ids = await asyncio.to_thread(render, p)
+            jobs.append(self._job(ids, text, req, req.max_tokens, 16, req.logprobs, i * req.n, "prompt"))
+        return jobs
+
+    # ---- running -----------------------------------------------------------------------------
+    async def run(self, jobs: list[Job]) -> AsyncIterator[tuple[Job, RequestOutput]]:
+        """Run the jobs concurrently; yield (job, output) as each advances. Closing this
+        iterator (a client went away) cancels every job, which aborts it in the engine."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(job: Job) -> None:
+            try:
+                async for out in self.llm.generate(job.prompt_ids, job.params):
+                    await queue.put((job, out))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put(e)
+                return
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(j)) for j in jobs]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def final_outputs(self, jobs: list[Job]) -> list[RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        try:
+            async for job, out in self.run(jobs):
+                last[job.first_index] = out
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_dead") from None
+        return [last[j.first_index] for j in jobs]
+
+
+# ---- response objects -------------------------------------------------------------------------
+def usage(jobs: list[Job], outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(j.prompt_ids) for j in jobs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(c: CompletionOutput) -> str | None:
+    return c.finish_reason if c.finish_reason in ("stop", "length") else None
+
+
+def chat_logprobs(entries, k: int) -> dict:
+    content = []
+    for entry in entries:
+        (tid, lp), *_ = entry.items()
+        top = sorted((x for x in entry.values() if x.rank <= k), key=lambda x: x.rank)[:k]
+        content.append({"token": lp.decoded_token, "logprob": lp.logprob,
+                        "bytes": list(lp.decoded_token.encode()),
+                        "top_logprobs": [{"token": t.decoded_token, "logprob": t.logprob,
+                                          "bytes": list(t.decoded_token.encode())} for t in top]})
+    return {"content": content}
+
+
+def completion_logprobs(entries, k: int, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for entry in entries:
+        (tid, lp), *_ = entry.items()
+        tokens.append(lp.decoded_token)
+        token_lps.append(lp.logprob)
+        tops.append({t.decoded_token: t.logprob for t in sorted(entry.values(), key=lambda x: x.rank) if t.rank <= k})
+        offsets.append(offset)
+        offset += len(lp.decoded_token)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, jobs: list[Job], outputs: list[RequestOutput]) -> dict:
+    choices = []
+    k = jobs[0].params.logprobs
+    for c in outputs[0].outputs:
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": chat_logprobs(c.logprobs, k) if c.logprobs is not None else None,
+                        "finish_reason": finish_reason(c)})
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(jobs, outputs)}
+
+
+def completion_response(rid: str, model: str, jobs: list[Job], outputs: list[RequestOutput], echo: bool) -> dict:
+    choices = []
+    for job, out in zip(jobs, outputs):
+        prefix = job.prompt_text if echo else ""
+        for c in out.outputs:
+            lps = completion_logprobs(c.logprobs, job.params.logprobs, len(prefix)) if c.logprobs is not None else None
+            choices.append({"index": job.first_index + c.index, "text": prefix + c.text, "logprobs": lps,
+                            "finish_reason": finish_reason(c)})
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(jobs, outputs)}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,145 @@
+"""The OpenAI API of `vidya serve`, driven over HTTP with the official `openai` client and
+httpx, against a live server on the embedded default model."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+SEED_MESSAGES = [{"role": "system", "content": "You are a Hindi study tutor."},
+                 {"role": "user", "content": "प्रकाश संश्लेषण समझाइए"}]
+
+
+def sse_events(server, path: str, body: dict) -> list[bytes]:
+    """Raw `data:` payloads of a streamed response, as bytes."""
+    events = []
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:].encode())
+    return events
+
+
+def test_seed_snippet_works_with_only_base_url_changed(client):
+    resp = client.chat.completions.create(model="smollm2", messages=SEED_MESSAGES, temperature=0.7, max_tokens=400)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens >= 1
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+    stream = client.chat.completions.create(model="smollm2", messages=SEED_MESSAGES, temperature=0.7,
+                                            max_tokens=400, stream=True)
+    parts, reasons = [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+    assert "".join(parts) and reasons[-1] in ("stop", "length")
+
+
+def test_stream_equals_whole_and_usage_counts_streamed_tokens(client, server):
+    kwargs = dict(model="smollm2", messages=SEED_MESSAGES, temperature=0, max_tokens=48)
+    whole = client.chat.completions.create(**kwargs, logprobs=True)
+    events = sse_events(server, "/v1/chat/completions",
+                        {**kwargs, "stream": True, "logprobs": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e.decode("utf-8")) for e in events[:-1]]  # strict UTF-8: raises on a split character
+    text, n_tokens, usage = "", 0, None
+    for ch in chunks:
+        if ch["choices"]:
+            delta = ch["choices"][0]["delta"].get("content") or ""
+            assert "\ufffd" not in delta
+            text += delta
+            n_tokens += len((ch["choices"][0]["logprobs"] or {}).get("content", []))
+        else:
+            usage = ch["usage"]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole.choices[0].finish_reason
+    assert text == whole.choices[0].message.content
+    assert usage["completion_tokens"] == n_tokens == whole.usage.completion_tokens
+    assert usage["prompt_tokens"] == whole.usage.prompt_tokens
+    assert len(whole.choices[0].logprobs.content) == n_tokens
+
+
+def test_hindi_stream_never_splits_a_character(server):
+    body = {"prompt": "भारत की राजधानी नई दिल्ली है। भारत के प्रमुख त्योहार", "max_tokens": 64, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    events = sse_events(server, "/v1/completions", body)
+    text = ""
+    for e in events[:-1]:
+        piece = json.loads(e.decode("utf-8"))["choices"][0]["text"]
+        assert "\ufffd" not in piece
+        text += piece
+    whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=120).json()
+    assert text == whole["choices"][0]["text"]
+    assert any("\u0900" <= ch <= "\u097f" for ch in text), text
+
+
+def test_stop_strings_and_n_and_echo(client):
+    base = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    stop = text.strip().split(",")[1].strip()  # a number the model is about to write
+    cut = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert text.startswith(cut.choices[0].text)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop], stream=True) if c.choices)
+    assert streamed == cut.choices[0].text
+
+    many = client.completions.create(model="smollm2", prompt=["Hello", "नमस्ते"], n=2, max_tokens=5,
+                                     temperature=0.8, seed=7, echo=True, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+    assert all(c.text.startswith("Hello") for c in many.choices[:2])
+    assert all(c.text.startswith("नमस्ते") for c in many.choices[2:])
+    assert many.usage.completion_tokens == 4 * 5
+    assert all(c.finish_reason == "length" for c in many.choices)
+
+
+def test_completion_logprobs_and_token_prompts(client, server):
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "The sky is"}, timeout=30).json()["tokens"]
+    a = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0, logprobs=3)
+    b = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=4, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == a.usage.completion_tokens
+    assert all(len(t) == 3 for t in lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    assert all(len(e.top_logprobs) == 2 for e in chat.choices[0].logprobs.content)
+
+
+def test_models_version_tokenizer(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2"]
+    assert models[0].model_extra["max_model_len"] == 2048
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    assert httpx.get(server.url + "/version").json()["version"]
+    tok = httpx.post(server.url + "/tokenize", json={"prompt": "नमस्ते दुनिया"}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 2048
+    back = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert back["prompt"] == "नमस्ते दुनिया"
+    chat_tok = httpx.post(server.url + "/tokenize", json={"messages": SEED_MESSAGES}).json()
+    whole = client.chat.completions.create(model="smollm2", messages=SEED_MESSAGES, max_tokens=1)
+    assert chat_tok["count"] == whole.usage.prompt_tokens
+
+
+def test_prefix_cache_shows_in_usage(client):
+    system = "You are a Hindi study tutor. " * 20
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What is a noun?"}]
+    client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=1)
+    again = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 100
+
+
+def test_text_parts_and_developer_role(client):
+    resp = client.chat.completions.create(model="smollm2", max_tokens=4, temperature=0, messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "water?"}]}])
+    same = client.chat.completions.create(model="smollm2", max_tokens=4, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is water?"}])
+    assert resp.choices[0].message.content == same.choices[0].message.content

@@ -1,0 +1,89 @@
+"""Bad input gets its status and an OpenAI error body, never a 500 or a 422, and the server keeps
+serving correctly afterwards."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
+SECRET = "SECRET-INPUT-" + "x" * 5000  # must never come back in an error body
+
+CASES = [
+    # (name, path, body or raw bytes, headers, status, code, param)
+    ("malformed json", "/v1/chat/completions", b'{"messages": [', None, 400, None, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", None, 400, None, None),
+    ("wrong content type", "/v1/chat/completions", b"{}", {"content-type": "text/plain"}, 400, "invalid_content_type", None),
+    ("missing messages", "/v1/chat/completions", {"model": "smollm2"}, None, 400, None, "messages"),
+    ("empty messages", "/v1/chat/completions", {**CHAT, "messages": []}, None, 400, None, "messages"),
+    ("unknown field", "/v1/chat/completions", {**CHAT, "frobnicate": SECRET}, None, 400, "unsupported_parameter", "frobnicate"),
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400, "unsupported_parameter", "tools"),
+    ("json mode", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, None, 400, "unsupported_parameter", "response_format"),
+    ("string temperature", "/v1/chat/completions", {**CHAT, "temperature": "hot"}, None, 400, None, "temperature"),
+    ("temperature range", "/v1/chat/completions", {**CHAT, "temperature": 500}, None, 400, None, "temperature"),
+    ("top_p range", "/v1/chat/completions", {**CHAT, "top_p": 0}, None, 400, None, "top_p"),
+    ("n zero", "/v1/chat/completions", {**CHAT, "n": 0}, None, 400, None, "n"),
+    ("max_tokens zero", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, None, 400, None, "max_tokens"),
+    ("bool as int", "/v1/chat/completions", {**CHAT, "max_tokens": True}, None, 400, None, "max_tokens"),
+    ("bad role", "/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, None, 400, None, "messages[0].role"),
+    ("image part", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": SECRET}}]}]}, None, 400, None, "messages[0].content"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, None, 400, None, "top_logprobs"),
+    ("logit_bias key", "/v1/chat/completions", {**CHAT, "logit_bias": {"abc": 1}}, None, 400, None, "logit_bias"),
+    ("stream_options without stream", "/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, None, 400, None, "stream_options"),
+    ("context length", "/v1/chat/completions", {**CHAT, "max_tokens": 5000}, None, 400, "context_length_exceeded", "messages"),
+    ("context length, streamed", "/v1/chat/completions", {**CHAT, "max_tokens": 5000, "stream": True}, None, 400, "context_length_exceeded", "messages"),
+    ("long prompt", "/v1/completions", {"prompt": "word " * 3000, "max_tokens": 1}, None, 400, "context_length_exceeded", "prompt"),
+    ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-9"}, None, 404, "model_not_found", "model"),
+    ("best_of", "/v1/completions", {"prompt": "x", "best_of": 3}, None, 400, "unsupported_parameter", "best_of"),
+    ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, None, 400, "unsupported_parameter", "suffix"),
+    ("echo with logprobs", "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, None, 400, "unsupported_parameter", "echo"),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, None, 400, None, "prompt"),
+    ("token id out of range", "/v1/completions", {"prompt": [10**9]}, None, 400, None, "prompt"),
+    ("detokenize out of range", "/detokenize", {"tokens": [-1]}, None, 400, None, "tokens"),
+    ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, None, 400, None, "prompt"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,code,param", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_an_openai_error(server, name, path, body, headers, status, code, param):
+    kw = {"content": body, "headers": headers or {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(server.url + path, timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == ("invalid_request_error" if status in (400, 404) else err["type"])
+    if code:
+        assert err["code"] == code
+    if param:
+        assert err["param"] == param
+    assert "SECRET-INPUT" not in r.text and len(r.text) < 2000
+
+
+def test_context_length_error_has_the_numbers(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4000)
+    msg = e.value.body["message"]
+    assert "2048" in msg and "4000" in msg
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_method_are_openai_errors(server):
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    with pytest.raises(openai.NotFoundError):
+        from openai import OpenAI
+        OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).models.retrieve("nope")
+
+
+def test_server_still_serves_correctly_after_bad_input(server, client):
+    before = client.chat.completions.create(**CHAT).choices[0].message.content
+    for _, path, body, headers, *_ in CASES:
+        kw = {"content": body, "headers": headers or {"content-type": "application/json"}} \
+            if isinstance(body, bytes) else {"json": body}
+        assert httpx.post(server.url + path, timeout=60, **kw).status_code < 500
+    assert client.chat.completions.create(**CHAT).choices[0].message.content == before
+    assert server.metric("num_requests_running") == 0
+    assert httpx.get(server.url + "/health").status_code == 200

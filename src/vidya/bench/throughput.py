@@ -42,7 +42,7 @@ def hf_model_from(llm: LLM):
     from transformers import AutoModelForCausalLM
     engine = llm.engine
     model = AutoModelForCausalLM.from_config(engine.model_config, dtype=engine.dtype).eval()
-    model.load_state_dict(engine.runner.model.state_dict(), strict=False)
+    model.load_state_dict(engine.runner.model.hf_state_dict(), strict=False)
     if getattr(engine.model_config, "tie_word_embeddings", False):
         model.tie_weights()
     return model

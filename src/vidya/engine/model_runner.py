@@ -143,7 +143,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
         inp = self.prepare(out)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, fused=self.use_kernel)
         if not inp.sampling_requests:
             return hidden.new_empty((0, 0)), []
         return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampling_requests

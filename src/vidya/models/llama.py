@@ -1,6 +1,7 @@
 """The Llama family (Llama, Mistral, Qwen2) for flat batches: every token of a step in one
-`[num_tokens, hidden]` tensor, no padding. Parameter names are Hugging Face's, so checkpoints
-load without a renaming table.
+`[num_tokens, hidden]` tensor, no padding. Parameter names are Hugging Face's, except that q/k/v
+and gate/up run as one matmul each (`qkv_proj`, `gate_up_proj`): `checkpoint_slices` maps a
+checkpoint's tensor names to where they go, and `hf_state_dict` gives the checkpoint view back.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from vidya.attention import AttentionMetadata, paged_attention
 from vidya.models.rope import RotaryEmbedding, apply_rotary
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# checkpoint projection -> (our fused projection, its part index)
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class RMSNorm(nn.Module):
@@ -39,18 +43,22 @@ class Attention(nn.Module):
         self.head_dim = head_dim_of(config)
         h, d = config.hidden_size, self.head_dim
         bias = qkv_bias or bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=bias)
+        self.parts = {"qkv_proj": (self.q_size, self.kv_size, self.kv_size)}
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=bool(getattr(config, "attention_bias", False)) and not qkv_bias)
         self.scale = d ** -0.5
 
-    def forward(self, x, rope, kv_cache, meta):
+    def forward(self, x, rope, kv_cache, meta, fused: bool):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        qkv = self.qkv_proj(x)
+        if fused:  # RoPE in place on the q and k columns of the one qkv buffer
+            torch.ops.vidya.rotary_(qkv, rope[0], rope[1], self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim)
+        if not fused:
+            q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -60,12 +68,16 @@ class MLP(nn.Module):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.intermediate_size = i
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        self.parts = {"gate_up_proj": (i, i)}
         self.down_proj = nn.Linear(i, h, bias=bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, fused: bool):
+        if fused:
+            return self.down_proj(torch.ops.vidya.silu_and_mul(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -76,9 +88,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta, fused: bool):
+        """Returns (x, residual). Fused: the residual stream is carried separately and each
+        norm adds into it in place (`add_rms_norm_`); the sum is what the reference computes."""
+        if not fused:
+            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, False)
+            return x + self.mlp(self.post_attention_layernorm(x), False), None
+        eps = self.input_layernorm.eps
+        if residual is None:
+            residual, x = x, torch.ops.vidya.rms_norm(x, self.input_layernorm.weight, eps)
+        else:
+            torch.ops.vidya.add_rms_norm_(x, residual, self.input_layernorm.weight, eps)
+        x = self.self_attn(x, rope, kv_cache, meta, True)
+        torch.ops.vidya.add_rms_norm_(x, residual, self.post_attention_layernorm.weight, eps)
+        return self.mlp(x, True), residual
 
 
 class LlamaModel(nn.Module):
@@ -89,11 +112,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_positions)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches, meta, fused: bool = False):
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv, meta)
+            x, residual = layer(x, residual, rope, kv, meta, fused)
+        if fused:
+            torch.ops.vidya.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)
+            return x
         return self.norm(x)
 
 
@@ -110,8 +137,33 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                fused: bool = False) -> torch.Tensor:
+        """`fused`: use vidya's C++ CPU kernels for RMSNorm (+ residual add), RoPE and SiLU*up."""
+        return self.model(input_ids, positions, kv_caches, meta, fused)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
+        """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""
+        out = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            module_name, _, leaf = name.rpartition(".")
+            owner_name, _, proj = module_name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            sizes = getattr(owner, "parts", {}).get(proj)
+            if sizes is None:
+                out[name] = (name, 0, p.shape[0])
+                continue
+            start = 0
+            for ckpt_proj, (fused, index) in PACKED.items():
+                if fused == proj:
+                    out[f"{owner_name}.{ckpt_proj}.{leaf}"] = (name, start, sizes[index])
+                    start += sizes[index]
+        return out
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the checkpoint's names (q/k/v, gate/up split again)."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        return {ck: params[name][start:start + n] for ck, (name, start, n) in self.checkpoint_slices().items()}

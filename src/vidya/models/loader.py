@@ -138,7 +138,8 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
     model = model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    slices = model.checkpoint_slices()
     loaded: set[str] = set()
     weights = gguf_file.weights(src.path, config) if src.is_gguf else _safetensors_weights(src)
     if progress:
@@ -146,14 +147,16 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
     try:
         for name, tensor in weights:
-            if name not in params:
+            if name not in slices:
                 continue
-            p = params[name]
-            if tuple(p.shape) != tuple(tensor.shape):
+            target, start, rows = slices[name]
+            p = params[target]
+            expected = (rows, *p.shape[1:])
+            if tuple(expected) != tuple(tensor.shape):
                 raise ModelLoadError(f"weight {name} of {src.name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(p.shape)}: the checkpoint does not match its config")
+                                     f"expected {tuple(expected)}: the checkpoint does not match its config")
             with torch.no_grad():
-                p.copy_(tensor.to(dtype))
+                p[start:start + rows].copy_(tensor.to(dtype))
             loaded.add(name)
     except ModelLoadError:
         raise
@@ -163,7 +166,7 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(slices) - loaded)
     if missing:
         raise ModelLoadError(f"The weights of {src.name} are incomplete: {len(missing)} tensors missing "
                              f"(first: {missing[0]}); the checkpoint is truncated or of another model")

@@ -61,8 +61,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.sin = (emb.sin() * scaling).to(self.sin.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the step's positions, [T, 1, d]: looked up once a step, used by every layer."""
-        return (self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1))
+        """cos, sin for the step's positions, [T, d]: looked up once a step, used by every layer."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -36,6 +36,14 @@ inline float to_f<at::BFloat16>(at::BFloat16 x) {
   return f;
 }
 
+
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+// Round through T (what storing an intermediate in T does), so fused ops match unfused torch.
+template <typename T>
+inline float round_as(float x) { return to_f<T>(from_f<T>(x)); }
+
 constexpr int kMaxGroup = 32;
 constexpr int kMaxDim = 256;
 
@@ -211,6 +219,60 @@ AttendBF16 pick_bf16_kernel(int64_t G) {
   }
 }
 
+
+// AVX-512 BF16 versions of the three ops for bf16 rows (the serving dtype on such CPUs).
+VIDYA_AVX512BF16 inline __m512 round_bf16(__m512 x) {
+  __m256bh b = _mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)b), 16));
+}
+
+VIDYA_AVX512BF16 inline void store_bf16(at::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+VIDYA_AVX512BF16 void add_rms_norm_row_bf16(at::BFloat16* xr, at::BFloat16* rr, const at::BFloat16* w, int64_t n,
+                                            float eps, bool add, float* h) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 v = bf16x16_to_f32(xr + i);
+    if (add) {
+      v = round_bf16(_mm512_add_ps(bf16x16_to_f32(rr + i), v));
+      store_bf16(rr + i, v);
+    }
+    _mm512_storeu_ps(h + i, v);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps));
+  for (int64_t i = 0; i < n; i += 16)
+    store_bf16(xr + i, _mm512_mul_ps(bf16x16_to_f32(w + i), round_bf16(_mm512_mul_ps(_mm512_loadu_ps(h + i), inv))));
+}
+
+VIDYA_AVX512BF16 void silu_and_mul_row_bf16(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* o, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 x = bf16x16_to_f32(g + i);
+    const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    store_bf16(o + i, _mm512_mul_ps(round_bf16(silu), bf16x16_to_f32(u + i)));
+  }
+}
+
+VIDYA_AVX512BF16 void rotary_row_bf16(at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* s, int64_t heads,
+                                      int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h, x += D) {
+    for (int64_t i = 0; i < half; i += 16) {
+      const __m512 a = bf16x16_to_f32(x + i), b = bf16x16_to_f32(x + i + half);
+      const __m512 c_lo = bf16x16_to_f32(c + i), c_hi = bf16x16_to_f32(c + i + half);
+      const __m512 s_lo = bf16x16_to_f32(s + i), s_hi = bf16x16_to_f32(s + i + half);
+      const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, c_lo)),
+                                      round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), s_lo)));
+      const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, c_hi)), round_bf16(_mm512_mul_ps(a, s_hi)));
+      store_bf16(x + i, lo);
+      store_bf16(x + i + half, hi);
+    }
+  }
+}
+
 bool has_avx512bf16() {
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
   return yes;
@@ -275,13 +337,160 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+
+// ---- fused elementwise ops of a Llama layer; each matches the unfused torch ops it replaces,
+// rounding every intermediate to T where torch would store it in T. ----------------------------
+
+// residual = residual + x (rounded to T); x = RMSNorm(residual) * weight. In place.
+template <typename T>
+void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps, bool add) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  T* xp = x.data_ptr<T>();
+  T* rp = residual.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  const int64_t xs = x.stride(0), rs = residual.stride(0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(static_cast<size_t>(n));
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = xp + r * xs;
+      T* rr = rp + r * rs;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (has_avx512bf16() && n % 16 == 0) {
+          add_rms_norm_row_bf16(xr, rr, wp, n, static_cast<float>(eps), add, h.data());
+          continue;
+        }
+      }
+      float ss = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        float v = add ? round_as<T>(to_f(rr[i]) + to_f(xr[i])) : to_f(xr[i]);
+        if (add) rr[i] = from_f<T>(v);
+        h[i] = v;
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      for (int64_t i = 0; i < n; ++i) xr[i] = from_f<T>(to_f(wp[i]) * round_as<T>(h[i] * inv));
+    }
+  });
+}
+
+// out = silu(gate) * up for gate_up = [gate | up] along the last dim.
+template <typename T>
+void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), n = out.size(1);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t gs = gate_up.stride(0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * gs;
+      const T* u = g + n;
+      T* o = op + r * n;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (has_avx512bf16() && n % 16 == 0) {
+          silu_and_mul_row_bf16(g, u, o, n);
+          continue;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = to_f(g[i]);
+        o[i] = from_f<T>(round_as<T>(x / (1.f + std::exp(-x))) * to_f(u[i]));
+      }
+    }
+  });
+}
+
+// Rotate-half RoPE in place on the q and k heads of a fused qkv row: x*cos + rotate_half(x)*sin.
+template <typename T>
+void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t D) {
+  const int64_t rows = qkv.size(0), half = D / 2;
+  T* p = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t qs = qkv.stride(0);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* c = cp + r * D;
+      const T* s = sp + r * D;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (has_avx512bf16() && D % 32 == 0) {
+          rotary_row_bf16(p + r * qs, c, s, heads, D);
+          continue;
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x = p + r * qs + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = to_f(x[i]), b = to_f(x[i + half]);
+          // rotate_half(x) = [-x2, x1]; torch stores x*cos and rotate_half(x)*sin in T, then adds
+          const float lo = round_as<T>(a * to_f(c[i])) + round_as<T>(-b * to_f(s[i]));
+          const float hi = round_as<T>(b * to_f(c[i + half])) + round_as<T>(a * to_f(s[i + half]));
+          x[i] = from_f<T>(lo);
+          x[i + half] = from_f<T>(hi);
+        }
+      }
+    }
+  });
+}
+
+#define VIDYA_DISPATCH(dtype, NAME, ...)                                              \
+  switch (dtype) {                                                                  \
+    case at::kFloat: { using scalar = float; __VA_ARGS__; break; }                  \
+    case at::kBFloat16: { using scalar = at::BFloat16; __VA_ARGS__; break; }        \
+    case at::kHalf: { using scalar = at::Half; __VA_ARGS__; break; }                \
+    default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);               \
+  }
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
+}
+
+void add_rms_norm_(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes() && weight.is_contiguous() && weight.numel() == x.size(1) &&
+              x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(), "bad add_rms_norm_ input");
+  VIDYA_DISPATCH(x.scalar_type(), "add_rms_norm_", add_rms_norm_impl<scalar>(x, residual, weight, eps, true));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && x.scalar_type() == weight.scalar_type(), "bad rms_norm input");
+  at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
+  VIDYA_DISPATCH(x.scalar_type(), "rms_norm", add_rms_norm_impl<scalar>(out, out, weight, eps, false));
+  return out;
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  VIDYA_DISPATCH(gate_up.scalar_type(), "silu_and_mul", silu_and_mul_impl<scalar>(gate_up, out));
+  return out;
+}
+
+void rotary_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == qkv.size(0) &&
+              cos.size(-1) == head_dim && qkv.size(1) >= heads * head_dim && head_dim % 2 == 0 &&
+              cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(), "bad rotary_ input");
+  VIDYA_DISPATCH(qkv.scalar_type(), "rotary_", rotary_impl<scalar>(qkv, cos, sin, heads, head_dim));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vidya, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor row_seq, "
         "Tensor row_ctx, float scale) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("paged_attention", &paged_attention);
+  m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_", &rotary_);
 }

@@ -48,3 +48,36 @@ def test_kernel_rejects_bad_input():
         torch.ops.vidya.paged_attention(torch.zeros(1, 4, 64, dtype=torch.bfloat16), k, k,
                                         torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                                         torch.ones(1, dtype=torch.long), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_ops_match_the_torch_ops_they_replace(dtype):
+    import torch.nn.functional as F
+
+    from vidya.models.llama import RMSNorm
+    from vidya.models.rope import apply_rotary
+    g = torch.Generator().manual_seed(7)
+    rows, hidden, inter, heads, kv_heads, d = 37, 576, 1536, 9, 3, 64
+    x, res, w = (torch.randn(*shape, generator=g).to(dtype) for shape in ((rows, hidden), (rows, hidden), (hidden,)))
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data = w
+    x2, res2 = x.clone(), res.clone()
+    torch.ops.vidya.add_rms_norm_(x2, res2, w, 1e-5)
+    assert torch.equal(res2, res + x)  # the residual sum is exact
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # the mean of squares is summed in another order
+    torch.testing.assert_close(x2, norm(res + x), atol=tol, rtol=tol)
+    torch.testing.assert_close(torch.ops.vidya.rms_norm(x, w, 1e-5), norm(x), atol=tol, rtol=tol)
+
+    gate_up = torch.randn(rows, 2 * inter, generator=g).to(dtype)
+    gate, up = gate_up.split(inter, dim=-1)
+    torch.testing.assert_close(torch.ops.vidya.silu_and_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
+
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    cos, sin = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    ref_q, ref_k = apply_rotary(q.reshape(rows, heads, d), k.reshape(rows, kv_heads, d), cos[:, None], sin[:, None])
+    out = qkv.clone()
+    torch.ops.vidya.rotary_(out, cos, sin, heads + kv_heads, d)
+    assert torch.equal(out[:, :heads * d].view(rows, heads, d), ref_q)
+    assert torch.equal(out[:, heads * d:(heads + kv_heads) * d].view(rows, kv_heads, d), ref_k)
+    assert torch.equal(out[:, (heads + kv_heads) * d:], v)  # v untouched

@@ -64,6 +64,8 @@ class AsyncLLM:
         try:
             while True:
                 item = await q.get()
+                while not isinstance(item, BaseException) and not q.empty():
+                    item = q.get_nowait()  # outputs are cumulative: a slow reader skips to the latest
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -90,6 +92,16 @@ class AsyncLLM:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step, not one per request."""
+        by_loop: dict = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
             _, rid, token_ids, params, text = cmd
@@ -112,10 +124,14 @@ class AsyncLLM:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    self._deliver_all(self.engine.step())
         except BaseException as e:  # the engine died: fail every open stream, loudly
             self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}"))
             raise
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

@@ -42,11 +42,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits.float().cpu()
         raw = logits
-        logits = logits.clone()
-        for i, req in enumerate(requests):
-            self._adjust(logits[i], req)
-        tokens = torch.empty(len(requests), dtype=torch.long)
+        adjust = [i for i, r in enumerate(requests) if self._needs_adjust(r)]
+        if adjust:  # copy only when some row changes: the raw logits give logprobs
+            logits = logits.clone()
+            for i in adjust:
+                self._adjust(logits[i], requests[i])
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        if len(greedy) == len(requests):  # the common benchmark case: one argmax, no gathers
+            token_list = logits.argmax(dim=-1).tolist()
+            return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
+        tokens = torch.empty(len(requests), dtype=torch.long)
         if greedy:
             idx = torch.tensor(greedy)
             tokens[idx] = logits[idx].argmax(dim=-1)
@@ -61,6 +66,11 @@ class Sampler:
             tokens[idx] = (probs / e).argmax(dim=-1)
         token_list = tokens.tolist()
         return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
+
+    @staticmethod
+    def _needs_adjust(req: Request) -> bool:
+        sp = req.sampling_params
+        return bool(sp.logit_bias) or req.num_output_tokens < sp.min_tokens or sp.uses_penalties
 
     @staticmethod
     def _adjust(row: torch.Tensor, req: Request) -> None:

@@ -39,6 +39,7 @@ def test_bench_serve_against_a_live_server(server, tmp_path, capsys):
     for name in ("ttft", "itl", "e2e"):
         assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p90_ms"] <= report[f"{name}_p99_ms"]
     assert report["ttft_p99_ms"] <= report["e2e_p99_ms"]
+    assert 0 < report["server_metrics"]["kv_cache_waste_perc"] < 1  # read from vidya's /metrics
     assert "output tok/s" in capsys.readouterr().out
 
 

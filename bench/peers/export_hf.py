@@ -46,7 +46,7 @@ def check(outdir: str) -> bool:
 
     import vidya
     tok = AutoTokenizer.from_pretrained(outdir)
-    hf = AutoModelForCausalLM.from_pretrained(outdir, torch_dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(outdir, dtype=torch.bfloat16).eval()
     ids = tok.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, return_tensors="pt")
     if not isinstance(ids, torch.Tensor):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]

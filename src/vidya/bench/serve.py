@@ -163,7 +163,23 @@ async def bench(args, base: str, workload: Workload, concurrency: int | None) ->
         bodies = [request_body(workload, model, c) for c in workload.conversations]
         results = await run_load(client, f"{base}/chat/completions", bodies, concurrency,
                                  args.request_rate, args.seed, args.timeout)
-    return model, results
+        server = await server_metrics(client, base)
+    return model, results, server
+
+
+async def server_metrics(client: httpx.AsyncClient, base: str) -> dict:
+    """vidya's own KV-cache waste and prefix-cache counters from /metrics, when the server has them."""
+    try:
+        text = (await client.get(base.removesuffix("/v1") + "/metrics", timeout=10)).text
+    except httpx.HTTPError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        key = name.split("{")[0].removeprefix("vidya:")
+        if key in ("kv_cache_waste_perc", "prefix_cache_queries_total", "prefix_cache_hits_total"):
+            found[key] = float(value)
+    return found
 
 
 def summarize(results: list[RequestResult]) -> dict:
@@ -193,6 +209,8 @@ def print_report(report: dict) -> None:
     print(f"{'output tokens':<20} {report['output_tokens']:>10}")
     print(f"{'output tok/s':<20} {report['output_tok_s']:>10.1f}")
     print(f"{'requests/s':<20} {report['requests_s']:>10.2f}")
+    if "kv_cache_waste_perc" in report["server_metrics"]:
+        print(f"{'server KV waste':<20} {100 * report['server_metrics']['kv_cache_waste_perc']:>9.2f}% (since start)")
     print(f"{'latency (ms)':<20} {'p50':>10} {'p90':>10} {'p99':>10}")
     for name in ("ttft", "itl", "e2e"):
         cells = [report[f"{name}_p{q}_ms"] for q in (50, 90, 99)]
@@ -212,10 +230,10 @@ def main(args) -> int:
     if not workload.conversations:
         raise ValueError(f"workload {workload.name} has no requests; check --workload and --num-prompts")
     timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    model, results = asyncio.run(bench(args, base, workload, concurrency))
+    model, results, server = asyncio.run(bench(args, base, workload, concurrency))
     report = {"timestamp": timestamp, "base_url": base, "model": model, "workload": workload.name,
               "num_requests": len(results), "concurrency": concurrency, "request_rate": args.request_rate,
-              "seed": args.seed, **summarize(results)}
+              "seed": args.seed, **summarize(results), "server_metrics": server}
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -45,6 +45,8 @@ class EngineCollector:
         yield self._gauge("num_requests_running", "Requests in the running batch.", llm.num_running())
         yield self._gauge("num_requests_waiting", "Requests waiting for a place in the batch.", llm.num_waiting())
         yield self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", kv.pool.usage)
+        yield self._gauge("kv_cache_waste_perc", "KV slots allocated but empty over slots allocated, averaged "
+                          "over steps since start (0 to 1; vidya's own, not a vLLM metric).", stats.kv_waste)
         yield self._counter("num_preemptions", "Requests preempted to free KV blocks.", engine.scheduler.num_preemptions)
         yield self._counter("prompt_tokens", "Prompt tokens of requests that started generating.", stats.prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", stats.generation_tokens)

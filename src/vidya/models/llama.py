@@ -18,6 +18,23 @@ PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can run on a copy of its weight prepacked for oneDNN (`pack`): on CPUs with
+    AMX/AVX-512 bf16 this skips re-laying out the weight on every call, which dominates decode
+    steps of a small model. Results are the same kernels' results; the plain weight stays the
+    parameter (loading, `hf_state_dict`), so packing costs a second copy of the weights."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -44,9 +61,9 @@ class Attention(nn.Module):
         h, d = config.hidden_size, self.head_dim
         bias = qkv_bias or bool(getattr(config, "attention_bias", False))
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=bias)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=bias)
         self.parts = {"qkv_proj": (self.q_size, self.kv_size, self.kv_size)}
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bool(getattr(config, "attention_bias", False)) and not qkv_bias)
+        self.o_proj = Linear(self.num_heads * d, h, bias=bool(getattr(config, "attention_bias", False)) and not qkv_bias)
         self.scale = d ** -0.5
 
     def forward(self, x, rope, kv_cache, meta, fused: bool):
@@ -69,9 +86,9 @@ class MLP(nn.Module):
         h, i = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
         self.intermediate_size = i
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=bias)
         self.parts = {"gate_up_proj": (i, i)}
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x, fused: bool):
         if fused:
@@ -132,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
         self.config = config
         self.model = LlamaModel(config, max_positions, qkv_bias=arch == "Qwen2ForCausalLM")
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -144,6 +161,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def pack_linears(self, batch_hint: int = 64) -> None:
+        """Prepack every projection and the lm_head for oneDNN (CPU, bf16 only)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(batch_hint)
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""

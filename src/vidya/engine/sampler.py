@@ -40,7 +40,10 @@ class Sampler:
         self.request_generators.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        logits = logits.float().cpu()
+        logits = logits.cpu()
+        if not all(r.sampling_params.greedy and r.sampling_params.logprobs is None and not self._needs_adjust(r)
+                   for r in requests):
+            logits = logits.float()  # argmax alone is exact in the model's dtype
         raw = logits
         adjust = [i for i, r in enumerate(requests) if self._needs_adjust(r)]
         if adjust:  # copy only when some row changes: the raw logits give logprobs

@@ -160,7 +160,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta, fused)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """In the model's dtype; the sampler converts to float32 where it needs to."""
+        return self.lm_head(hidden)
 
     def pack_linears(self, batch_hint: int = 64) -> None:
         """Prepack every projection and the lm_head for oneDNN (CPU, bf16 only)."""

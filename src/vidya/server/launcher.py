@@ -10,7 +10,7 @@ Lifecycle:
 from __future__ import annotations
 
 import logging
-import signal
+import os
 import sys
 import threading
 import time
@@ -78,11 +78,18 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
                             lifespan="off")
     server = DrainingServer(config, state, shutdown_timeout)
     threading.Thread(target=load_engine, args=(args, settings, state, server), name="vidya-load", daemon=True).start()
+    _lower_priority_of_this_thread()
     server.run()
     if state.llm is not None:
         state.llm.shutdown()
     return 1 if state.load_error or not server.started else 0
 
 
-def _install_default_sigterm() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _lower_priority_of_this_thread(niceness: int = 10) -> None:
+    """The HTTP event loop yields the CPU to the engine thread (created before this call, so it
+    keeps the normal priority): on a small CPU every cycle the loop takes from a step stalls all
+    of the step's threads. Linux sets niceness per thread; elsewhere this does nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass

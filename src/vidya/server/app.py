@@ -26,7 +26,7 @@ from vidya.server.serving import Serving, chat_response, completion_response, ne
 from vidya.server.streaming import chat_stream, completion_stream
 
 log = logging.getLogger("vidya.server")
-OPEN_PATHS = ("/health", "/metrics", "/version")  # never behind the API key, never counted as work
+OPEN_PATHS = ("/health", "/metrics", "/version")  # never counted as in-flight work (nor are they behind the key)
 
 
 @dataclass(slots=True)
@@ -224,6 +224,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
             raise bad_request(f"tokens must be integers in [0, {vocab})", param="tokens")
         return {"prompt": serving.engine.tokenizer.decode(req.tokens)}
 
+    from vidya.tutor.routes import add_tutor_routes
+    add_tutor_routes(app, settings.served_model_names[0])
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -1,0 +1,57 @@
+"""The tutor's prompt data file: every subject and class renders, in the right language."""
+from __future__ import annotations
+
+import pytest
+
+from vidya.tutor import prompts
+
+
+@pytest.mark.parametrize("subject", list(prompts.subjects()))
+@pytest.mark.parametrize("klass", prompts.classes())
+def test_every_subject_and_class_renders(subject, klass):
+    text = prompts.system_prompt(subject, klass)
+    data = prompts.load()
+    assert text.startswith(data["base"])
+    assert data["subjects"][subject]["prompt"] in text and data["classes"][klass] in text
+    assert f"कक्षा {klass}" in text
+    assert "{" not in text  # no unfilled template
+
+
+def test_the_voice_is_in_the_data_file():
+    data = prompts.load()
+    assert data["version"] == 1
+    assert set(prompts.classes()) == {str(c) for c in range(6, 13)}
+    assert {n["hi"] for n in prompts.subjects().values()} == {"विज्ञान", "गणित", "हिंदी", "सामाजिक विज्ञान", "English"}
+    base = data["base"]
+    for rule in ("उसी में उत्तर", "Hinglish", "उदाहरण", "नहीं जानते"):  # language, examples, honesty
+        assert rule in base
+    assert len(data["examples"]["hi"]) >= 3 and len(data["examples"]["en"]) >= 3
+
+
+def test_unknown_choices_say_what_exists():
+    with pytest.raises(ValueError, match="one of science"):
+        prompts.system_prompt("astrology", "8")
+    with pytest.raises(ValueError, match="one of 6"):
+        prompts.system_prompt("maths", "13")
+
+
+def test_vidya_chat_streams_from_a_running_server(server):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--base-url", server.url, "--max-tokens", "12",
+                        "--temperature", "0", "--subject", "maths", "--class", "7"],
+                       input="What is 2 + 2?\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "smollm2" in r.stdout and "शिक्षक> " in r.stdout
+    answer = r.stdout.split("शिक्षक> ", 1)[1].strip()
+    assert answer  # streamed text arrived
+
+
+def test_vidya_chat_says_when_the_server_is_not_there():
+    import subprocess
+    import sys
+
+    from serverutil import free_port
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--base-url", f"http://127.0.0.1:{free_port()}"],
+                       input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is the server running" in r.stderr and "Traceback" not in r.stderr

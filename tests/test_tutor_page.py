@@ -207,5 +207,10 @@ def test_class_code_is_asked_once_and_kept(browser):
         ask("Say bye.")
         wait_for(lambda: browser.find_element("id", "send").is_displayed() and len(replies(browser)) == 2, timeout=60)
         assert not browser.execute_script("return document.getElementById('code-dialog').open")  # kept
+        guarded.terminate()  # the server goes away: a clear Hindi message, the question kept to resend
+        ask("Are you there?")
+        wait_for(lambda: "संपर्क नहीं" in browser.find_element("id", "status").text, timeout=30)
+        assert browser.find_element("id", "input").get_attribute("value") == "Are you there?"
+        assert len(replies(browser)) == 2
     finally:
         guarded.terminate()

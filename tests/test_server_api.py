@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 
 SEED_MESSAGES = [{"role": "system", "content": "You are a Hindi study tutor."},
                  {"role": "user", "content": "प्रकाश संश्लेषण समझाइए"}]

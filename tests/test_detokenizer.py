@@ -54,3 +54,16 @@ def test_held_back_only_possible_stop_prefixes():
     assert held_back("hello Us", ["User:"]) == 2
     assert held_back("hello", ["User:"]) == 0
     assert held_back("x<|", ["<|end|>", "|>"]) == 2
+
+
+def test_a_character_cut_by_the_length_limit_is_dropped_not_shown_as_replacement(smollm2_tokenizer):
+    from vidya.engine.detokenizer import IncrementalDetokenizer
+    tok = smollm2_tokenizer
+    word = "प्रकाश संश्लेषण"
+    ids = tok(word, add_special_tokens=False).input_ids
+    cuts = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
+    assert cuts, "the tokenizer should split some Devanagari character across tokens"
+    for k in cuts:  # generation stopped (max_tokens) after token k, inside a character
+        detok = IncrementalDetokenizer.for_prompt(tok, [])
+        text = "".join(detok.add([i]) for i in ids[:k]) + detok.flush()
+        assert "\ufffd" not in text and word.startswith(text), (k, text)

@@ -42,6 +42,7 @@ def test_seed_snippet_works_with_only_base_url_changed(client):
 
 def test_stream_equals_whole_and_usage_counts_streamed_tokens(client, server):
     kwargs = dict(model="smollm2", messages=SEED_MESSAGES, temperature=0, max_tokens=48)
+    client.chat.completions.create(**{**kwargs, "max_tokens": 1})  # same prefix-cache state for both (see below)
     whole = client.chat.completions.create(**kwargs, logprobs=True)
     events = sse_events(server, "/v1/chat/completions",
                         {**kwargs, "stream": True, "logprobs": True, "stream_options": {"include_usage": True}})
@@ -67,6 +68,9 @@ def test_stream_equals_whole_and_usage_counts_streamed_tokens(client, server):
 def test_hindi_stream_never_splits_a_character(server):
     body = {"prompt": "भारत की राजधानी नई दिल्ली है। भारत के प्रमुख त्योहार", "max_tokens": 64, "temperature": 0,
             "stream": True, "ignore_eos": True}
+    # Warm the prefix cache first, so the streamed and the whole request compute exactly the same
+    # way (bf16 results depend on how many prompt tokens a step computes: a cache hit changes that).
+    httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 1}, timeout=120)
     events = sse_events(server, "/v1/completions", body)
     text = ""
     for e in events[:-1]:

@@ -46,12 +46,15 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end: whatever is still held (e.g. bytes that never completed a character)."""
+        """At the end: whatever is still held. Bytes that never completed a character (the answer
+        was cut at max_tokens in the middle of a Devanagari letter) are dropped, not shown as
+        U+FFFD; an invalid sequence inside the text is still shown as what it is."""
         if self.read_offset == len(self.tokens):
             return ""
         prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.tokens[self.prefix_offset:])
         delta = new_text[len(prefix_text):] if new_text.startswith(prefix_text) else new_text
+        delta = delta.rstrip(REPLACEMENT)
         self.read_offset = len(self.tokens)
         self.text += delta
         return delta

@@ -55,3 +55,13 @@ def test_vidya_chat_says_when_the_server_is_not_there():
     r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--base-url", f"http://127.0.0.1:{free_port()}"],
                        input="", capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "is the server running" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vidya_chat_offline_answers_then_quits_on_an_empty_line(tiny_models):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--model", tiny_models["llama"][0],
+                        "--max-tokens", "4", "--dtype", "float32"],
+                       input="hello\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("शिक्षक> ") == 1 and r.stdout.count("छात्र> ") == 2

@@ -126,13 +126,8 @@ def run_chat(args) -> int:
     engine = llm.engine
     messages = [{"role": "system", "content": args.system}]
     print("vidya chat: type a question (Hindi or English); empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            line = input("\nछात्र> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
+    from vidya.tutor.terminal import read_question
+    while (line := read_question()) is not None:
         messages.append({"role": "user", "content": line})
         prompt = engine.tokenizer(engine.apply_chat_template(messages), add_special_tokens=False).input_ids
         try:

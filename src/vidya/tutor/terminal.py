@@ -9,6 +9,15 @@ import sys
 import httpx
 
 
+def read_question() -> str | None:
+    """The student's next line; None on an empty line or end of input (both quit)."""
+    try:
+        line = input("\nछात्र> ").strip()
+    except EOFError:
+        return None
+    return line or None
+
+
 def _root(url: str) -> str:
     url = url.strip().rstrip("/")
     if "://" not in url:
@@ -62,13 +71,7 @@ def run(base_url: str, api_key: str | None, subject: str, klass: str, fallback_s
         system = _system_prompt(client, subject, klass, fallback_system)
         history: list[dict] = []
         print(f"vidya chat: {model} at {_root(base_url)}; type a question (Hindi or English); empty line or Ctrl-D to quit.")
-        while True:
-            try:
-                line = input("\nछात्र> ").strip()
-            except EOFError:
-                break
-            if not line:
-                break
+        while (line := read_question()) is not None:
             history.append({"role": "user", "content": line})
             print("शिक्षक> ", end="", flush=True)
             while True:

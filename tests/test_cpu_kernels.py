@@ -42,6 +42,27 @@ def test_kernel_matches_reference(dtype, tol, heads, kv_heads, head_dim):
     torch.testing.assert_close(out[3:].float(), ref_pre.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
+@pytest.mark.parametrize("chunks", [[(0, 37)], [(0, 16), (5, 3), (20, 50)], [(30, 17), (0, 1), (64, 33)]])
+def test_prefill_tiles_match_reference(heads, kv_heads, head_dim, chunks):
+    """Chunks of consecutive rows (tiles of 16 and their remainders, odd and even context ends,
+    chunks that start after cached tokens, a 1-row and a 3-row chunk that go row by row)."""
+    dtype = torch.bfloat16
+    g, k_cache, v_cache = case(heads, kv_heads, head_dim, dtype, seed=len(chunks) * 7 + head_dim)
+    scale = head_dim ** -0.5
+    tables = [torch.randperm(64, generator=g)[:7] for _ in chunks]
+    qs, refs, row_seq, row_ctx = [], [], [], []
+    for i, (start, n) in enumerate(chunks):
+        q = torch.randn(n, heads, head_dim, generator=g).to(dtype)
+        qs.append(q)
+        refs.append(prefill_attention(q, k_cache, v_cache, tables[i], start + n, scale))
+        row_seq += [i] * n
+        row_ctx += list(range(start + 1, start + n + 1))
+    out = torch.ops.vidya.paged_attention(torch.cat(qs), k_cache, v_cache, torch.stack(tables),
+                                          torch.tensor(row_seq), torch.tensor(row_ctx), scale)
+    torch.testing.assert_close(out.float(), torch.cat(refs).float(), atol=2e-2, rtol=2e-2)
+
+
 def test_kernel_rejects_bad_input():
     k = torch.zeros(4, 16, 2, 64)
     with pytest.raises(RuntimeError, match="dtypes differ"):
@@ -77,7 +98,32 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(dtype):
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     ref_q, ref_k = apply_rotary(q.reshape(rows, heads, d), k.reshape(rows, kv_heads, d), cos[:, None], sin[:, None])
     out = qkv.clone()
-    torch.ops.vidya.rotary_(out, cos, sin, heads + kv_heads, d)
+    k_cache = torch.zeros(8, 16, kv_heads, d, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(8 * 16, generator=g)[:rows]
+    torch.ops.vidya.rotary_cache_(out, cos, sin, heads, kv_heads, d, k_cache, v_cache, slots)
     assert torch.equal(out[:, :heads * d].view(rows, heads, d), ref_q)
     assert torch.equal(out[:, heads * d:(heads + kv_heads) * d].view(rows, kv_heads, d), ref_k)
     assert torch.equal(out[:, (heads + kv_heads) * d:], v)  # v untouched
+    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots], ref_k)
+    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], v.reshape(rows, kv_heads, d))
+    untouched = torch.ones(8 * 16, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache.view(-1, kv_heads, d)[untouched].any() and not v_cache.view(-1, kv_heads, d)[untouched].any()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.vidya.rotary_cache_(qkv.clone(), cos, sin, heads, kv_heads, d, k_cache, v_cache,
+                                      torch.full((rows,), 8 * 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows_is_torch_max_indices(dtype):
+    """First maximum of each row, ties included (greedy sampling must match argmax exactly)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 49152 + 7, generator=g).to(dtype)
+    x[3, 100] = x[3, 900] = x[3].max() + 1  # a tie: the first wins
+    x[5, -1] = x[5].max() + 1  # in the tail past the last full vector
+    x[6] = 0.0  # all equal
+    x[7, :] = float("-inf")
+    ref = x.max(dim=-1).indices
+    assert torch.equal(torch.ops.vidya.argmax_rows(x), ref)
+    assert torch.equal(torch.ops.vidya.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows

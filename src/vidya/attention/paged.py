@@ -65,10 +65,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache, then
     attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    if meta.rows is not None:
-        r = meta.rows
-        return torch.ops.vidya.paged_attention(q.contiguous(), k_cache, v_cache, r.block_tables, r.row_seq,
-                                               r.row_ctx, scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
@@ -78,3 +74,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out[start:start + qlen] = prefill_attention(q[start:start + qlen], k_cache, v_cache, table,
                                                     seq_len, scale)
     return out
+
+
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                         num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The C++ path for a fused qkv buffer [T, (H + 2 kvh) d]: RoPE on q and k in place and K/V
+    written to the cache in one op, then attention reading q straight from the buffer. Same
+    result as `apply_rotary` + `paged_attention` (tests/test_cpu_kernels.py). Returns [T, H, d]."""
+    torch.ops.vidya.rotary_cache_(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache,
+                                  meta.slot_mapping)
+    q = qkv[:, :num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
+    r = meta.rows
+    return torch.ops.vidya.paged_attention(q, k_cache, v_cache, r.block_tables, r.row_seq, r.row_ctx, scale)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vidya.attention import cpu_kernels
 from vidya.engine.request import Request
 
 
@@ -19,6 +20,14 @@ class SamplerOutput:
     token_ids: list[int]
     # per row, when asked: (sampled logprob, sampled rank, [(token_id, logprob), ...] top-k)
     logprobs: list[tuple[float, int, list[tuple[int, float]]] | None]
+
+
+def first_max(logits: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first maximum (argmax). The C++ kernel reads bf16 rows in one pass
+    (~10x faster than torch here); `max().indices` is ~5x faster than `argmax` in bf16."""
+    if logits.device.type == "cpu" and cpu_kernels.available():
+        return torch.ops.vidya.argmax_rows(logits)
+    return logits.max(dim=-1).indices
 
 
 class Sampler:
@@ -52,7 +61,7 @@ class Sampler:
                 self._adjust(logits[i], requests[i])
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         if len(greedy) == len(requests):  # the common benchmark case: one argmax, no gathers
-            token_list = logits.max(dim=-1).indices.tolist()  # first maximum, as argmax; ~5x faster in bf16 here
+            token_list = first_max(logits).tolist()
             return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
         tokens = torch.empty(len(requests), dtype=torch.long)
         if greedy:

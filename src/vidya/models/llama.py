@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidya.attention import AttentionMetadata, paged_attention
+from vidya.attention import AttentionMetadata, paged_attention, rope_cache_attention
 from vidya.models.rope import RotaryEmbedding, apply_rotary
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -69,12 +69,13 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv_cache, meta, fused: bool):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        if fused:  # RoPE in place on the q and k columns of the one qkv buffer
-            torch.ops.vidya.rotary_(qkv, rope[0], rope[1], self.num_heads + self.num_kv_heads, self.head_dim)
+        if fused:  # RoPE, the cache write and attention on the one qkv buffer, in C++
+            out = rope_cache_attention(qkv, rope[0], rope[1], self.num_heads, self.num_kv_heads, self.head_dim,
+                                       kv_cache[0], kv_cache[1], meta, self.scale)
+            return self.o_proj(out.view(t, self.num_heads * self.head_dim))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim)
-        if not fused:
-            q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

@@ -9,7 +9,9 @@
 //   row_seq      [T] int64          which sequence (row of block_tables) a query row belongs to
 //   row_ctx      [T] int64          how many cached tokens the row attends to (its position + 1)
 // Work item = (row, kv head): the G = H / KVH query heads that share a kv head read each cached
-// K/V vector once. Arithmetic in fp32; inputs and output in the cache's dtype (bf16/fp16/fp32).
+// K/V vector once; a run of consecutive rows of one sequence (a prefill chunk) is cut into tiles
+// of up to 16 rows that share every K/V load (bf16 on AVX-512 BF16). Arithmetic in fp32; inputs
+// and output in the cache's dtype (bf16/fp16/fp32).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,6 +24,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include <algorithm>
+#include <omp.h>
 
 namespace {
 
@@ -46,6 +50,8 @@ inline float round_as(float x) { return to_f<T>(from_f<T>(x)); }
 
 constexpr int kMaxGroup = 32;
 constexpr int kMaxDim = 256;
+// consecutive rows of one sequence below this count run row by row, not as a tile
+constexpr int64_t kMinTileRows = 4;
 
 template <typename T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -175,6 +181,9 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
       const at::BFloat16* p = key_at();
       kp_all[16 + j] = p;
       for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+      // and its values into L2 for the P V pass: more requests in flight for this memory-bound loop
+      const char* pv = reinterpret_cast<const char*>(vc + (p - kc));
+      for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(pv + b, _MM_HINT_T1);
     }
     const at::BFloat16* kp[16];
     for (int64_t j = 0; j < 16; ++j) kp[j] = kp_all[j < n ? j : 0];
@@ -262,6 +271,147 @@ AttendBF16 pick_bf16_kernel(int64_t G) {
 }
 
 
+// Prefill tiles: up to 16 consecutive query rows of one sequence (row i attends to c0 + i cached
+// tokens) against one kv head, with the 16 rows in the 16 lanes of a vector. QK^T: Q transposed
+// into dimension pairs once, each key's pair broadcast from the cache (VDPBF16PS, no horizontal
+// sums). Scores in fp32, softmax per lane, P rounded to bf16 like the reference's probs.to(v.dtype).
+// PV: V repacked once per tile into key pairs (VNNI order), P broadcast pairwise per row.
+struct TileScratch {
+  std::vector<float> scores;                 // [cmax][16]
+  std::vector<uint32_t> pairs;               // [(cmax + 1) / 2][16]: (P[t], P[t+1]) per row
+  std::vector<at::BFloat16> vpairs;          // [(cmax + 1) / 2][D][2]
+  std::vector<const at::BFloat16*> keys;     // [cmax] key addresses
+  std::vector<const at::BFloat16*> values;   // [cmax] value addresses
+};
+
+template <int NC>  // NC = D / 16
+VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, int64_t nrows, int64_t G,
+                                       const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table,
+                                       int64_t c0, int64_t kvh_index, int64_t BS, int64_t KVH, float scale,
+                                       TileScratch& ws, at::BFloat16* out, int64_t out_stride) {
+  constexpr int D = NC * 16, QG = 16 / NC;  // QG rows x NC vectors of accumulators in pass 3
+  const int64_t cmax = c0 + nrows - 1, npairs = (cmax + 1) / 2, token_stride = KVH * D;
+  ws.scores.resize(static_cast<size_t>(cmax) * 16);
+  ws.pairs.resize(static_cast<size_t>(npairs) * 16);
+  ws.vpairs.resize(static_cast<size_t>(npairs) * 2 * D);
+  ws.keys.resize(cmax);
+  ws.values.resize(cmax);
+  for (int64_t t = 0, blk = 0, off = 0; t < cmax; ++t) {
+    const int64_t base = (table[blk] * BS + off) * token_stride + kvh_index * D;
+    ws.keys[t] = kc + base;
+    ws.values[t] = vc + base;
+    if (++off == BS) off = 0, ++blk;
+  }
+  // V in key pairs: for each pair, D x (V[t][d], V[t+1][d])
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  for (int64_t pp = 0; pp < npairs; ++pp) {
+    const at::BFloat16* a = ws.values[2 * pp];
+    const at::BFloat16* b = 2 * pp + 1 < cmax ? ws.values[2 * pp + 1] : nullptr;
+    at::BFloat16* dst = ws.vpairs.data() + pp * 2 * D;
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512i va = _mm512_loadu_si512(a + 32 * c);
+      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 64 * c, _mm512_permutex2var_epi16(va, ilo, vb));
+      _mm512_storeu_si512(dst + 64 * c + 32, _mm512_permutex2var_epi16(va, ihi, vb));
+    }
+  }
+  alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i ipair = _mm512_load_si512(pair_idx);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // lanes of row i that may see key t: all when t < c0, else rows i > t - c0
+  auto visible = [&](int64_t t) -> __mmask16 {
+    return t < c0 ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu & ~((2u << (t - c0)) - 1u));
+  };
+  float* S = ws.scores.data();
+  uint32_t* P = ws.pairs.data();
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) uint32_t qt[D / 2][16];
+    for (int p = 0; p < D / 2; ++p)
+      for (int i = 0; i < 16; ++i) {
+        uint32_t v = 0;
+        if (i < nrows) std::memcpy(&v, q + i * q_stride + g * D + 2 * p, 4);
+        qt[p][i] = v;
+      }
+    // pass 1: scores, 8 keys at a time, and the running max per row
+    __m512 mv = neg_inf;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t t0 = 0; t0 < cmax; t0 += 8) {
+      const int64_t nk = cmax - t0 < 8 ? cmax - t0 : 8;
+      const at::BFloat16* kp[8];
+      for (int j = 0; j < 8; ++j) kp[j] = ws.keys[t0 + (j < nk ? j : 0)];
+      __m512 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+      for (int p = 0; p < D / 2; ++p) {
+        const __m512bh qv = (__m512bh)_mm512_load_si512(qt[p]);
+        for (int j = 0; j < 8; ++j) {
+          int32_t kpair;
+          std::memcpy(&kpair, kp[j] + 2 * p, 4);
+          acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_set1_epi32(kpair));
+        }
+      }
+      for (int j = 0; j < nk; ++j) {
+        const __m512 s = _mm512_mask_mov_ps(neg_inf, visible(t0 + j), _mm512_mul_ps(acc[j], sc));
+        _mm512_storeu_ps(S + (t0 + j) * 16, s);
+        mv = _mm512_max_ps(mv, s);
+      }
+    }
+    // pass 2: P = exp(S - max) in key pairs (bf16), row sums in fp32
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t pp = 0; pp < npairs; ++pp) {
+      const int64_t t = 2 * pp;
+      const __m512 e0 = _mm512_maskz_mov_ps(visible(t), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
+      const __m512 e1 = t + 1 < cmax
+          ? _mm512_maskz_mov_ps(visible(t + 1), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
+          : _mm512_setzero_ps();
+      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // [e0 x16 | e1 x16]
+      _mm512_storeu_si512(P + pp * 16, _mm512_permutexvar_epi16(ipair, both));
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum);
+    // pass 3: O = P V, QG rows at a time
+    for (int64_t r0 = 0; r0 < nrows; r0 += QG) {
+      __m512 acc[QG][NC];
+      for (int i = 0; i < QG; ++i)
+        for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();
+      for (int64_t pp = 0; pp < npairs; ++pp) {
+        const at::BFloat16* vp = ws.vpairs.data() + pp * 2 * D;
+        __m512bh v[NC];
+        for (int c = 0; c < NC; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vp + 32 * c);
+        for (int i = 0; i < QG; ++i) {
+          const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(P[pp * 16 + r0 + i]));
+          for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], v[c], pb);
+        }
+      }
+      for (int i = 0; i < QG && r0 + i < nrows; ++i) {
+        const __m512 inv = _mm512_set1_ps(1.f / sums[r0 + i]);
+        at::BFloat16* o = out + (r0 + i) * out_stride + g * D;
+        for (int c = 0; c < NC; ++c)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][c], inv)));
+      }
+    }
+  }
+}
+
+using AttendTileBF16 = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const at::BFloat16*,
+                                const at::BFloat16*, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
+                                TileScratch&, at::BFloat16*, int64_t);
+
+AttendTileBF16 pick_tile_kernel(int64_t D) {
+  switch (D) {
+    case 64: return &attend_tile_bf16<4>;
+    case 128: return &attend_tile_bf16<8>;
+    default: return nullptr;
+  }
+}
+
+
 // AVX-512 BF16 versions of the three ops for bf16 rows (the serving dtype on such CPUs).
 VIDYA_AVX512BF16 inline __m512 round_bf16(__m512 x) {
   __m256bh b = _mm512_cvtneps_pbh(x);
@@ -332,6 +482,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
   const int64_t G = H / KVH, W = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
+  const int64_t qrs = q.stride(0);  // q may be a view into the fused qkv rows
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -341,30 +492,63 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   for (int64_t i = 0; i < T_; ++i) max_ctx = ctx[i] > max_ctx ? ctx[i] : max_ctx;
   T* op = out.data_ptr<T>();
   AttendBF16 fast = nullptr;
+  AttendTileBF16 tile = nullptr;
   if constexpr (std::is_same_v<T, at::BFloat16>)
-    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G);
-  at::parallel_for(0, T_ * KVH, 1, [&](int64_t begin, int64_t end) {
+    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = pick_tile_kernel(D);
+  // Work items: tiles of up to 16 consecutive rows of one sequence (prefill chunks), biggest
+  // first, handed out dynamically (they cost far more than rows); then single rows in batch
+  // order, a few at a time, so one thread reads all kv heads of a row's blocks in turn.
+  struct Tile { int64_t row, nrows, h, cost; };
+  std::vector<Tile> tiles;
+  std::vector<int64_t> rows;  // row * KVH + h
+  rows.reserve(static_cast<size_t>(T_ * KVH));
+  for (int64_t r = 0; r < T_;) {
+    int64_t n = 1;
+    if (tile)
+      while (r + n < T_ && n < 16 && seq[r + n] == seq[r] && ctx[r + n] == ctx[r] + n) ++n;
+    if (n < kMinTileRows) n = 1;
+    for (int64_t h = 0; h < KVH; ++h) {
+      if (n > 1) tiles.push_back({r, n, h, ctx[r] + n});
+      else rows.push_back(r * KVH + h);
+    }
+    r += n;
+  }
+  std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), n_rows = static_cast<int64_t>(rows.size());
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> scores(static_cast<size_t>(G * max_ctx));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / KVH, h = item % KVH;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      TileScratch ws;
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t k = 0; k < n_tiles; ++k) {
+        const Tile& it = tiles[k];
+        tile(qp + it.row * qrs + it.h * G * D, qrs, it.nrows, G, kp, vp, tables + seq[it.row] * W, ctx[it.row],
+             it.h, BS, KVH, static_cast<float>(scale), ws, op + (it.row * H + it.h * G) * D, H * D);
+      }
+    }
+#pragma omp for schedule(dynamic, 4 * KVH)
+    for (int64_t k = 0; k < n_rows; ++k) {
+      const int64_t row = rows[k] / KVH, h = rows[k] % KVH;
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (fast) {
-          fast(qp + (row * H + h * G) * D, kp, vp, tables + seq[row] * W, ctx[row], h, D, BS, KVH,
+          fast(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, D, BS, KVH,
                static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
           continue;
         }
       }
-      attend_one<T>(qp + (row * H + h * G) * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS,
+      attend_one<T>(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS,
                     KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
     }
-  });
+  }
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& row_seq,
                            const at::Tensor& row_ctx, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "need contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "q needs contiguous rows of heads; the caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong &&
               row_ctx.scalar_type() == at::kLong, "index tensors must be int64");
@@ -373,7 +557,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t H = q.size(1), KVH = k_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && H / KVH <= kMaxGroup && q.size(2) <= kMaxDim && q.size(2) == k_cache.size(3),
               "unsupported head layout");
-  auto out = at::empty_like(q);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   switch (q.scalar_type()) {
     case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
     case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
@@ -447,12 +631,25 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
 
 // Rotate-half RoPE in place on the q and k heads of a fused qkv row: x*cos + rotate_half(x)*sin.
 template <typename T>
-void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t D) {
+void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t D,
+                 at::Tensor* k_cache = nullptr, at::Tensor* v_cache = nullptr, const int64_t* slots = nullptr,
+                 int64_t kv_heads = 0) {
   const int64_t rows = qkv.size(0), half = D / 2;
+  // with caches: row r's k heads (the last kv_heads of the rotated ones) and the v heads after
+  // them are copied to cache slot slots[r]
+  T* kcp = k_cache ? k_cache->data_ptr<T>() : nullptr;
+  T* vcp = v_cache ? v_cache->data_ptr<T>() : nullptr;
+  const int64_t kv_width = kv_heads * D;
   T* p = qkv.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   const int64_t qs = qkv.stride(0);
+  auto write_kv = [&](int64_t r) {
+    if (!kcp) return;
+    const T* k = p + r * qs + (heads - kv_heads) * D;
+    std::memcpy(kcp + slots[r] * kv_width, k, sizeof(T) * kv_width);
+    std::memcpy(vcp + slots[r] * kv_width, k + kv_width, sizeof(T) * kv_width);
+  };
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cp + r * D;
@@ -460,6 +657,7 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (has_avx512bf16() && D % 32 == 0) {
           rotary_row_bf16(p + r * qs, c, s, heads, D);
+          write_kv(r);
           continue;
         }
       }
@@ -474,6 +672,7 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
           x[i + half] = from_f<T>(hi);
         }
       }
+      write_kv(r);
     }
   });
 }
@@ -514,12 +713,68 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-void rotary_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim) {
+// RoPE in place on the q and k heads of each fused qkv row, then that row's k and v heads written to its
+// cache slot: k_cache/v_cache [NB, BS, KVH, D], slot_mapping [T] int64 (block * BS + offset).
+void rotary_cache_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t kv_heads,
+                   int64_t head_dim, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == qkv.size(0) &&
-              cos.size(-1) == head_dim && qkv.size(1) >= heads * head_dim && head_dim % 2 == 0 &&
-              cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(), "bad rotary_ input");
-  VIDYA_DISPATCH(qkv.scalar_type(), "rotary_", rotary_impl<scalar>(qkv, cos, sin, heads, head_dim));
+              cos.size(-1) == head_dim && qkv.size(1) >= (heads + 2 * kv_heads) * head_dim && head_dim % 2 == 0 &&
+              kv_heads > 0 && kv_heads <= heads &&
+              cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(), "bad rotary_cache_ input");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == kv_heads && k_cache.size(3) == head_dim &&
+              k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+              "bad rotary_cache_ caches");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+              slot_mapping.numel() == qkv.size(0), "slot_mapping must be int64 with one slot per row");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t r = 0; r < slot_mapping.numel(); ++r)
+    TORCH_CHECK(slots[r] >= 0 && slots[r] < n_slots, "slot ", slots[r], " outside the cache");
+  VIDYA_DISPATCH(qkv.scalar_type(), "rotary_cache_",
+                 rotary_impl<scalar>(qkv, cos, sin, heads + kv_heads, head_dim, &k_cache, &v_cache, slots, kv_heads));
+}
+
+// Index of the first maximum of each row (torch.max(dim=-1).indices), bf16 rows on AVX-512.
+VIDYA_AVX512BF16 int64_t argmax_row_bf16(const at::BFloat16* x, int64_t n) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i best_i = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __m512 v = bf16x16_to_f32(x + i);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly greater: first per lane
+    best = _mm512_mask_mov_ps(best, gt, v);
+    best_i = _mm512_mask_mov_epi32(best_i, gt, idx);
+  }
+  float m = _mm512_reduce_max_ps(best);
+  int64_t at = 0;  // a row of -inf: its first element
+  if (m > -std::numeric_limits<float>::infinity()) {
+    const __mmask16 eq = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+    at = _mm512_mask_reduce_min_epi32(eq, best_i);
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v > m) m = v, at = i;
+  }
+  return at;
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  check_rows(logits, "logits");
+  if (!(logits.scalar_type() == at::kBFloat16 && has_avx512bf16() && logits.size(1) < (int64_t(1) << 31)) ||
+      logits.size(1) == 0)
+    return std::get<1>(logits.max(-1));
+  // (NaN entries are skipped; torch would return a NaN's index: a broken model either way)
+  const int64_t rows = logits.size(0), n = logits.size(1), ld = logits.stride(0);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const at::BFloat16* xp = logits.data_ptr<at::BFloat16>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_bf16(xp + r * ld, n);
+  });
+  return out;
 }
 
 }  // namespace
@@ -530,7 +785,9 @@ TORCH_LIBRARY(vidya, m) {
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("rotary_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");
+  m.def("rotary_cache_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int kv_heads, int head_dim, "
+        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vidya, CPU, m) {
@@ -538,5 +795,6 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("rotary_", &rotary_);
+  m.impl("rotary_cache_", &rotary_cache_);
+  m.impl("argmax_rows", &argmax_rows);
 }

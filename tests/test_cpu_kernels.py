@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vidya.attention import cpu_kernels
 from vidya.attention.paged import decode_attention, prefill_attention
@@ -127,3 +128,31 @@ def test_argmax_rows_is_torch_max_indices(dtype):
     ref = x.max(dim=-1).indices
     assert torch.equal(torch.ops.vidya.argmax_rows(x), ref)
     assert torch.equal(torch.ops.vidya.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64])
+@pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
+                                                           (48, 64, True)])
+def test_amx_linear_matches_linear(rows, out_features, in_features, bias):
+    """The decode-step matmul: fp32 accumulation rounded once to bf16, as F.linear in fp32 then
+    rounded (within one bf16 rounding step: the sums run in another order)."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=g).to(torch.bfloat16) if bias else None
+    y = torch.ops.vidya.amx_linear(x, torch.ops.vidya.amx_pack(w), b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=8e-3)
+    # a strided view of x (the rows of a bigger batch) gives the same
+    wide = torch.cat([x, x], dim=1)[:, :in_features]
+    assert torch.equal(torch.ops.vidya.amx_linear(wide, torch.ops.vidya.amx_pack(w), b), y)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+def test_amx_linear_rejects_what_it_cannot_run():
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="N % 16 == 0"):
+        torch.ops.vidya.amx_pack(torch.randn(30, 64).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="M <= 64"):
+        torch.ops.vidya.amx_linear(torch.randn(65, 64).to(torch.bfloat16), torch.ops.vidya.amx_pack(w), None)

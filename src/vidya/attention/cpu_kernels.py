@@ -1,7 +1,7 @@
 """Builds and loads vidya's C++ CPU kernels (csrc/cpu_kernels.cpp) with torch's own extension
 tooling, once per machine (cached under ~/.cache/torch_extensions). Where no compiler is
 available the pure-torch reference is used instead, with one warning; `VIDYA_CPU_KERNELS=0`
-forces the reference."""
+forces the reference; `VIDYA_AMX=0` keeps the rest but not the AMX matmul."""
 from __future__ import annotations
 
 import os
@@ -21,6 +21,15 @@ def available() -> bool:
         if "ok" not in _state:
             _state["ok"] = _build()
         return _state["ok"]
+
+
+def amx_available() -> bool:
+    """Whether the AMX small-batch matmul can run here (the kernels built, the CPU has AMX and
+    Linux granted the tile state); `VIDYA_AMX=0` turns it off (oneDNN then runs every matmul)."""
+    if os.environ.get("VIDYA_AMX", "1") == "0" or not available():
+        return False
+    import torch
+    return bool(torch.ops.vidya.amx_available())
 
 
 def _build() -> bool:

@@ -73,7 +73,7 @@ class ModelRunner:
         self.device = device
         self.use_kernel = self._use_kernel(attention_backend, device)
         if self.use_kernel and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            model.pack_linears()
+            model.pack_linears(amx=cpu_kernels.amx_available())
         self.block_size = cache.block_size
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)

@@ -19,17 +19,26 @@ PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run on a copy of its weight prepacked for oneDNN (`pack`): on CPUs with
-    AMX/AVX-512 bf16 this skips re-laying out the weight on every call, which dominates decode
-    steps of a small model. Results are the same kernels' results; the plain weight stays the
-    parameter (loading, `hf_state_dict`), so packing costs a second copy of the weights."""
+    """nn.Linear that can run on copies of its weight prepacked for the CPU (`pack`, bf16 only):
+    for oneDNN, which skips re-laying out the weight on every call (that dominates decode steps of
+    a small model), and, on CPUs with AMX, for vidya's small-batch AMX kernel, which runs the
+    batches of up to AMX_MAX_ROWS rows of a decode step (oneDNN reaches ~60% of memory bandwidth
+    there). The plain weight stays the parameter (loading, `hf_state_dict`); each packed copy
+    costs as much memory again."""
 
+    AMX_MAX_ROWS = 64
     packed: torch.Tensor | None = None
+    amx: torch.Tensor | None = None
 
-    def pack(self, batch_hint: int) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+    def pack(self, batch_hint: int, amx: bool) -> None:
+        w = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+        if amx and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:
+            self.amx = torch.ops.vidya.amx_pack(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None and x.shape[0] <= self.AMX_MAX_ROWS:
+            return torch.ops.vidya.amx_linear(x, self.amx, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -164,11 +173,12 @@ class LlamaForCausalLM(nn.Module):
         """In the model's dtype; the sampler converts to float32 where it needs to."""
         return self.lm_head(hidden)
 
-    def pack_linears(self, batch_hint: int = 64) -> None:
-        """Prepack every projection and the lm_head for oneDNN (CPU, bf16 only)."""
+    def pack_linears(self, batch_hint: int = 64, amx: bool = False) -> None:
+        """Prepack every projection and the lm_head for oneDNN and, with `amx`, for vidya's AMX
+        kernel (CPU, bf16 only)."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack(batch_hint)
+                m.pack(batch_hint, amx)
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""

@@ -26,6 +26,8 @@
 #include <vector>
 #include <algorithm>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -677,6 +679,163 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
   });
 }
 
+// ---- small-batch bf16 linear on AMX: the decode steps' matmuls --------------------------------
+// y[M, N] = x[M, K] W^T (+ bias) for M <= 64. W is packed once into AMX B tiles (VNNI pairs):
+// [N / 16][K / 32][16 k-pairs][16 n][2], so each 16-column strip of W is one contiguous stream,
+// read once per call. Each k-step loads one B tile and multiplies it with up to four 16-row A
+// tiles of x (from L2). oneDNN's general kernel reaches ~60% of memory bandwidth at this shape;
+// the weights are the whole cost of a decode step's matmuls.
+#define VIDYA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {
+  static const bool ok = [] {
+    if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16") &&
+          __builtin_cpu_supports("amx-tile")))
+      return false;
+    // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+constexpr int64_t kAmxMaxRows = 64;
+
+at::Tensor amx_pack(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 16 == 0 && w.size(1) % 32 == 0,
+              "amx_pack: need a bf16 [N, K] weight with N % 16 == 0 and K % 32 == 0");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({N / 16, K / 32, 16, 32}, w.options());
+  const at::BFloat16* src = wc.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nt = begin; nt < end; ++nt)
+      for (int64_t ks = 0; ks < K / 32; ++ks)
+        for (int64_t r = 0; r < 16; ++r)  // k pair
+          for (int64_t n = 0; n < 16; ++n)
+            for (int64_t j = 0; j < 2; ++j)
+              dst[(((nt * (K / 32) + ks) * 16 + r) * 16 + n) * 2 + j] = src[(nt * 16 + n) * K + ks * 32 + 2 * r + j];
+  });
+  return out;
+}
+
+// rows m0.. of a 16x16 fp32 tile (+ bias), rounded once to bf16, into y (row stride N)
+VIDYA_AVX512BF16 void store_tile_rows(const float* c, int64_t m0, int64_t M, const float* bias, at::BFloat16* y,
+                                      int64_t N) {
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < 16 && m0 + r < M; ++r)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + r) * N),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + r * 16), bv)));
+}
+
+// C[m-tiles m0.., strips nt..] for MH m-tiles x SP strips (2 x 2 at most: 4 C tiles, 2 A, 2 B,
+// every tile load feeding two multiplies). x stays in L2, each weight strip streams from memory.
+template <int MH, int SP>
+VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, const at::BFloat16* wp, int64_t nt,
+                                int64_t M, const float* bias, at::BFloat16* y, int64_t N, float* c) {
+  const int64_t KS = K / 32, lda = K * 2;
+  const at::BFloat16* b0 = wp + nt * KS * 512;
+  const at::BFloat16* b1 = b0 + KS * 512;
+  const at::BFloat16* a0 = x + m0 * K;
+  const at::BFloat16* a1 = a0 + 16 * K;
+  _tile_zero(0);
+  if constexpr (SP > 1) _tile_zero(1);
+  if constexpr (MH > 1) _tile_zero(2);
+  if constexpr (MH > 1 && SP > 1) _tile_zero(3);
+  for (int64_t ks = 0; ks < KS; ++ks) {
+    if (m0 == 0) {  // first pass over these strips: fetch the weight stream ahead
+      const char* ahead = reinterpret_cast<const char*>(b0 + (ks + 4) * 512);
+      for (int l = 0; l < 1024; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+      if constexpr (SP > 1) {
+        const char* ahead1 = reinterpret_cast<const char*>(b1 + (ks + 4) * 512);
+        for (int l = 0; l < 1024; l += 64) _mm_prefetch(ahead1 + l, _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(4, a0 + ks * 32, lda);
+    _tile_loadd(6, b0 + ks * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (SP > 1) { _tile_loadd(7, b1 + ks * 512, 64); _tile_dpbf16ps(1, 4, 7); }
+    if constexpr (MH > 1) { _tile_loadd(5, a1 + ks * 32, lda); _tile_dpbf16ps(2, 5, 6); }
+    if constexpr (MH > 1 && SP > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  const float* bn0 = bias ? bias + nt * 16 : nullptr;
+  const float* bn1 = bias ? bias + nt * 16 + 16 : nullptr;
+  _tile_stored(0, c, 64); store_tile_rows(c, m0, M, bn0, y + nt * 16, N);
+  if constexpr (SP > 1) { _tile_stored(1, c, 64); store_tile_rows(c, m0, M, bn1, y + nt * 16 + 16, N); }
+  if constexpr (MH > 1) { _tile_stored(2, c, 64); store_tile_rows(c, m0 + 16, M, bn0, y + nt * 16, N); }
+  if constexpr (MH > 1 && SP > 1) { _tile_stored(3, c, 64); store_tile_rows(c, m0 + 16, M, bn1, y + nt * 16 + 16, N); }
+}
+
+// strips [nt_begin, nt_end) of y: pairs of strips, for each pair every pair of m-tiles in turn
+// (the pair's weights are still in L1/L2 for the second m-pair)
+VIDYA_AMX void amx_strips(const at::BFloat16* x, int64_t K, const at::BFloat16* wp, int64_t nt_begin, int64_t nt_end,
+                          int64_t M, const float* bias, at::BFloat16* y, int64_t N) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[16 * 16];
+  const int64_t MT = (M + 15) / 16;
+  // panels of strips small enough to stay in L2 while every m-pair passes over them; within a
+  // pass the m-pair's rows of x stay in L1
+  const int64_t panel = std::max<int64_t>(2, (int64_t(96) * 1024 / (K * 32)) & ~int64_t(1));
+  for (int64_t p0 = nt_begin; p0 < nt_end; p0 += panel) {
+    const int64_t p1 = std::min(nt_end, p0 + panel);
+    for (int64_t m0 = 0; m0 < MT * 16; m0 += 32) {
+      const bool two = m0 + 16 < MT * 16;
+      for (int64_t nt = p0; nt < p1; nt += 2) {
+        const bool pair = nt + 1 < p1;
+        if (pair && two) amx_block<2, 2>(x, K, m0, wp, nt, M, bias, y, N, c);
+        else if (pair) amx_block<1, 2>(x, K, m0, wp, nt, M, bias, y, N, c);
+        else if (two) amx_block<2, 1>(x, K, m0, wp, nt, M, bias, y, N, c);
+        else amx_block<1, 1>(x, K, m0, wp, nt, M, bias, y, N, c);
+      }
+    }
+  }
+  _tile_release();
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_ready(), "amx_linear: this CPU (or kernel) offers no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && x.size(1) == packed.size(1) * 32 &&
+              x.size(0) <= kAmxMaxRows, "amx_linear: need bf16 x [M <= 64, K] and a weight from amx_pack");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, MT = (M + 15) / 16;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  // x padded to whole 16-row tiles (the tiles read 16 rows)
+  at::Tensor xp = x;
+  if (M % 16 != 0 || !x.is_contiguous()) {
+    xp = at::zeros({MT * 16, K}, x.options());
+    xp.narrow(0, 0, M).copy_(x);
+  }
+  at::Tensor bf;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "amx_linear: bias size");
+    bf = bias->to(at::kFloat).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  const at::BFloat16* xd = xp.data_ptr<at::BFloat16>();
+  const at::BFloat16* wd = packed.data_ptr<at::BFloat16>();
+  at::BFloat16* yd = y.data_ptr<at::BFloat16>();
+  const int64_t strips = N / 16;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t begin = strips * tid / nth, end = strips * (tid + 1) / nth;
+    amx_strips(xd, K, wd, begin & ~int64_t(1), tid + 1 == nth ? strips : end & ~int64_t(1), M, bp, yd, N);
+  }
+  return y;
+}
+
+bool amx_available() { return amx_ready(); }
+
 #define VIDYA_DISPATCH(dtype, NAME, ...)                                              \
   switch (dtype) {                                                                  \
     case at::kFloat: { using scalar = float; __VA_ARGS__; break; }                  \
@@ -788,6 +947,13 @@ TORCH_LIBRARY(vidya, m) {
   m.def("rotary_cache_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int kv_heads, int head_dim, "
         "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("argmax_rows(Tensor logits) -> Tensor");
+  m.def("amx_available() -> bool");
+  m.def("amx_pack(Tensor weight) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vidya, CompositeExplicitAutograd, m) {
+  m.impl("amx_available", &amx_available);
 }
 
 TORCH_LIBRARY_IMPL(vidya, CPU, m) {
@@ -797,4 +963,6 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_cache_", &rotary_cache_);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("amx_pack", &amx_pack);
+  m.impl("amx_linear", &amx_linear);
 }

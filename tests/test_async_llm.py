@@ -64,3 +64,22 @@ def test_invalid_request_fails_before_streaming(async_llm):
 
     with pytest.raises(ValueError, match="maximum context length"):
         asyncio.run(main())
+
+
+def test_requests_arriving_together_share_the_first_step(async_llm):
+    """An idle engine takes requests that arrive a few ms apart into one first step (a burst of
+    chats at once is the tutor's morning), instead of stepping on the first alone."""
+    sp = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
+    engine = async_llm.engine
+    before = engine.stats.num_steps
+
+    async def one(prompt, delay):
+        await asyncio.sleep(delay)
+        return [out async for out in async_llm.generate(prompt, sp)][-1]
+
+    async def main():
+        return await asyncio.gather(*(one(f"word {i}", 0.003 * i) for i in range(5)))
+
+    outs = asyncio.run(main())
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    assert engine.stats.num_steps - before == 4, "all five should have run their four steps together"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from vidya.config import EngineArgs
@@ -22,6 +23,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
+    BURST_GAP_S = 0.01
+    BURST_MAX_S = 0.1
+
     def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None) -> None:
         self.engine = engine or LLMEngine(args or EngineArgs())
         self._commands: queue.Queue = queue.Queue()
@@ -112,6 +116,18 @@ class AsyncLLM:
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
 
+    def _gather_burst(self) -> None:
+        """The engine was idle and a request came: take the others arriving with it (until a
+        gap of BURST_GAP_S, at most BURST_MAX_S) into the same first step. A step of a few
+        prompts costs almost as much as one of many, and stepping while the HTTP side is still
+        taking requests in makes the two fight for the cores."""
+        deadline = time.monotonic() + self.BURST_MAX_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self._apply(self._commands.get(timeout=min(self.BURST_GAP_S, left)))
+            except queue.Empty:
+                return
+
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
@@ -119,6 +135,8 @@ class AsyncLLM:
                 try:
                     cmd = self._commands.get(block=block, timeout=0.5 if block else None)
                     self._apply(cmd)
+                    if block:
+                        self._gather_burst()
                     while True:
                         self._apply(self._commands.get_nowait())
                 except queue.Empty:

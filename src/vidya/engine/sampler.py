@@ -71,13 +71,23 @@ class Sampler:
         if random_rows:
             idx = torch.tensor(random_rows)
             probs = self._probs(logits[idx], [requests[i] for i in random_rows])
-            # Exponential race: argmax(p / E), E ~ Exp(1), draws from p; per-row generators for seeds.
-            e = torch.empty_like(probs)
-            for j, i in enumerate(random_rows):
-                e[j].exponential_(generator=self.generator_for(requests[i]) or self.generator)
-            tokens[idx] = (probs / e).argmax(dim=-1)
+            tokens[idx] = self._draw(probs, [requests[i] for i in random_rows])
         token_list = tokens.tolist()
         return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row from (unnormalised) probs by inverting the row's CDF at one uniform
+        draw: one scalar per row from the request's own generator when it has a seed (its text
+        then does not depend on what else shares the batch), else from the sampler's. A whole
+        vocabulary of exponentials per row costs ~0.8 ms a row here; this is one cumsum."""
+        cdf = probs.cumsum(dim=-1)
+        u = torch.empty(len(requests), dtype=cdf.dtype)
+        for j, r in enumerate(requests):
+            u[j] = torch.rand((), generator=self.generator_for(r) or self.generator, dtype=cdf.dtype)
+        total = cdf[:, -1]
+        u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+        # the first token whose CDF passes u: never one of zero probability
+        return torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
 
     @staticmethod
     def _needs_adjust(req: Request) -> bool:

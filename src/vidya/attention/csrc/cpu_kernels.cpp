@@ -750,10 +750,10 @@ VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, co
   if constexpr (MH > 1 && SP > 1) _tile_zero(3);
   for (int64_t ks = 0; ks < KS; ++ks) {
     if (m0 == 0) {  // first pass over these strips: fetch the weight stream ahead
-      const char* ahead = reinterpret_cast<const char*>(b0 + (ks + 4) * 512);
+      const char* ahead = reinterpret_cast<const char*>(b0 + (ks + 16) * 512);
       for (int l = 0; l < 1024; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
       if constexpr (SP > 1) {
-        const char* ahead1 = reinterpret_cast<const char*>(b1 + (ks + 4) * 512);
+        const char* ahead1 = reinterpret_cast<const char*>(b1 + (ks + 16) * 512);
         for (int l = 0; l < 1024; l += 64) _mm_prefetch(ahead1 + l, _MM_HINT_T0);
       }
     }

@@ -30,9 +30,10 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
     amx: torch.Tensor | None = None
 
-    def pack(self, batch_hint: int, amx: bool) -> None:
+    def pack(self, batch_hint: int, amx: bool, onednn: bool = True) -> None:
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+        if onednn:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
         if amx and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:
             self.amx = torch.ops.vidya.amx_pack(w)
 
@@ -99,10 +100,30 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, 2 * i, bias=bias)
         self.parts = {"gate_up_proj": (i, i)}
         self.down_proj = Linear(i, h, bias=bias)
+        self.gate_packed: torch.Tensor | None = None  # oneDNN copies of the two halves (`pack`)
+        self.up_packed: torch.Tensor | None = None
+
+    def pack(self, batch_hint: int, amx: bool) -> None:
+        """Small batches run gate_up on AMX, then silu_and_mul; big ones (prefill) run gate and up
+        as two oneDNN matmuls with SiLU and the product fused into their epilogues, so the
+        [tokens, 2 x intermediate] activation never goes through memory."""
+        self.gate_up_proj.pack(batch_hint, amx, onednn=False)
+        w, i = self.gate_up_proj.weight.detach(), self.intermediate_size
+        self.gate_packed = torch.ops.mkldnn._reorder_linear_weight(w[:i].contiguous(), batch_hint)
+        self.up_packed = torch.ops.mkldnn._reorder_linear_weight(w[i:].contiguous(), batch_hint)
+        self.down_proj.pack(batch_hint, amx)
 
     def forward(self, x, fused: bool):
         if fused:
-            return self.down_proj(torch.ops.vidya.silu_and_mul(self.gate_up_proj(x)))
+            gu = self.gate_up_proj
+            if self.gate_packed is not None and not (gu.amx is not None and x.shape[0] <= gu.AMX_MAX_ROWS):
+                b, i = gu.bias, self.intermediate_size
+                gate = torch.ops.mkldnn._linear_pointwise(x, self.gate_packed, None if b is None else b[:i],
+                                                          "swish", [], "")
+                h = torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.up_packed,
+                                                              None if b is None else b[i:], "mul")
+                return self.down_proj(h)
+            return self.down_proj(torch.ops.vidya.silu_and_mul(gu(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -176,8 +197,12 @@ class LlamaForCausalLM(nn.Module):
     def pack_linears(self, batch_hint: int = 64, amx: bool = False) -> None:
         """Prepack every projection and the lm_head for oneDNN and, with `amx`, for vidya's AMX
         kernel (CPU, bf16 only)."""
+        mlps = [m for m in self.modules() if isinstance(m, MLP)]
+        in_mlps = {id(lin) for m in mlps for lin in (m.gate_up_proj, m.down_proj)}
+        for m in mlps:
+            m.pack(batch_hint, amx)
         for m in self.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, Linear) and id(m) not in in_mlps:
                 m.pack(batch_hint, amx)
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:

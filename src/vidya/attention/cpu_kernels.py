@@ -25,7 +25,8 @@ def available() -> bool:
 
 def amx_available() -> bool:
     """Whether the AMX small-batch matmul can run here (the kernels built, the CPU has AMX and
-    Linux granted the tile state); `VIDYA_AMX=0` turns it off (oneDNN then runs every matmul)."""
+    Linux granted the tile state); `VIDYA_AMX=0` turns it off (oneDNN then runs every matmul,
+    and prefill attention tiles run on AVX-512 instead of AMX)."""
     if os.environ.get("VIDYA_AMX", "1") == "0" or not available():
         return False
     import torch

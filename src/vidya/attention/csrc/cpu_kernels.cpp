@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -273,6 +274,25 @@ AttendBF16 pick_bf16_kernel(int64_t G) {
 }
 
 
+#define VIDYA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {
+  static const bool ok = [] {
+    if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16") &&
+          __builtin_cpu_supports("amx-tile")))
+      return false;
+    // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
 // Prefill tiles: up to 16 consecutive query rows of one sequence (row i attends to c0 + i cached
 // tokens) against one kv head, with the 16 rows in the 16 lanes of a vector. QK^T: Q transposed
 // into dimension pairs once, each key's pair broadcast from the cache (VDPBF16PS, no horizontal
@@ -284,6 +304,7 @@ struct TileScratch {
   std::vector<at::BFloat16> vpairs;          // [(cmax + 1) / 2][D][2]
   std::vector<const at::BFloat16*> keys;     // [cmax] key addresses
   std::vector<const at::BFloat16*> values;   // [cmax] value addresses
+  std::vector<uint32_t> pa;                  // AMX: P as A tiles, [chunks of 32 keys][16 rows][16 pairs]
 };
 
 template <int NC>  // NC = D / 16
@@ -401,14 +422,148 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
   }
 }
 
+// The same tile on AMX (BS % 16 == 0, so 16 consecutive keys are one tile of the cache with a
+// fixed row stride): S^T[keys x rows] = K Q^T with Q^T as the B tile (the pairs layout above),
+// the softmax as above on S^T's rows, then O = P V with P scattered into A tiles and V's key
+// pairs as B tiles. Same arithmetic: fp32 sums of bf16 products, P rounded to bf16.
+template <int NC>
+VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t nrows, int64_t G,
+                               const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table, int64_t c0,
+                               int64_t kvh_index, int64_t BS, int64_t KVH, float scale, TileScratch& ws,
+                               at::BFloat16* out, int64_t out_stride) {
+  constexpr int D = NC * 16;
+  const int64_t cmax = c0 + nrows - 1, token_stride = KVH * D;
+  const int64_t ktiles = (cmax + 15) / 16, chunks = (cmax + 31) / 32, npairs = (cmax + 1) / 2;
+  ws.scores.resize(static_cast<size_t>(ktiles) * 256);
+  ws.vpairs.assign(static_cast<size_t>(chunks) * 16 * 2 * D, at::BFloat16(0.f));
+  ws.pa.assign(static_cast<size_t>(chunks) * 256, 0u);
+  // V in key pairs (as attend_tile_bf16), zero past the context
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  auto value_at = [&](int64_t t) { return vc + (table[t / BS] * BS + t % BS) * token_stride + kvh_index * D; };
+  for (int64_t pp = 0; pp < npairs; ++pp) {
+    const at::BFloat16* a = value_at(2 * pp);
+    const at::BFloat16* b = 2 * pp + 1 < cmax ? value_at(2 * pp + 1) : nullptr;
+    at::BFloat16* dst = ws.vpairs.data() + pp * 2 * D;
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512i va = _mm512_loadu_si512(a + 32 * c);
+      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 64 * c, _mm512_permutex2var_epi16(va, ilo, vb));
+      _mm512_storeu_si512(dst + 64 * c + 32, _mm512_permutex2var_epi16(va, ihi, vb));
+    }
+  }
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i ipair = _mm512_load_si512(pair_idx);
+  const __m512i row16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  auto visible = [&](int64_t t) -> __mmask16 {
+    return t < c0 ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu & ~((2u << (t - c0)) - 1u));
+  };
+  float* S = ws.scores.data();
+  alignas(64) float obuf[16 * D];
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) uint32_t qt[D / 2][16];
+    for (int p = 0; p < D / 2; ++p)
+      for (int i = 0; i < 16; ++i) {
+        uint32_t v = 0;
+        if (i < nrows) std::memcpy(&v, q + i * q_stride + g * D + 2 * p, 4);
+        qt[p][i] = v;
+      }
+    // S^T, 16 keys a tile: K rows straight from the cache block
+    _tile_loadd(2, qt[0], 64);
+    _tile_loadd(3, qt[16], 64);
+    if constexpr (D == 128) { _tile_loadd(4, qt[32], 64); _tile_loadd(5, qt[48], 64); }
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      const int64_t t0 = kt * 16;
+      const at::BFloat16* k = kc + (table[t0 / BS] * BS + t0 % BS) * token_stride + kvh_index * D;
+      _tile_zero(0);
+      _tile_loadd(1, k, token_stride * 2);
+      _tile_dpbf16ps(0, 1, 2);
+      _tile_loadd(1, k + 32, token_stride * 2);
+      _tile_dpbf16ps(0, 1, 3);
+      if constexpr (D == 128) {
+        _tile_loadd(1, k + 64, token_stride * 2);
+        _tile_dpbf16ps(0, 1, 4);
+        _tile_loadd(1, k + 96, token_stride * 2);
+        _tile_dpbf16ps(0, 1, 5);
+      }
+      _tile_stored(0, S + t0 * 16, 64);
+    }
+    // scale, causal mask, max per row (lane)
+    __m512 mv = neg_inf;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < cmax; ++t) {
+      const __m512 sv = _mm512_mask_mov_ps(neg_inf, visible(t), _mm512_mul_ps(_mm512_loadu_ps(S + t * 16), sc));
+      _mm512_storeu_ps(S + t * 16, sv);
+      mv = _mm512_max_ps(mv, sv);
+    }
+    // P in key pairs, scattered into the A tiles: pa[chunk][row][pair in chunk]
+    __m512 sum = _mm512_setzero_ps();
+    uint32_t* PA = ws.pa.data();
+    for (int64_t pp = 0; pp < npairs; ++pp) {
+      const int64_t t = 2 * pp;
+      const __m512 e0 = _mm512_maskz_mov_ps(visible(t), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
+      const __m512 e1 = t + 1 < cmax
+          ? _mm512_maskz_mov_ps(visible(t + 1), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
+          : _mm512_setzero_ps();
+      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+      const __m512i both = _mm512_permutexvar_epi16(ipair, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      _mm512_i32scatter_epi32(PA + (pp / 16) * 256 + (pp % 16), row16, both, 4);
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum);
+    // O = P V, 64 output dims (4 C tiles) at a time
+    for (int d0 = 0; d0 < D; d0 += 64) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t j = 0; j < chunks; ++j) {
+        _tile_loadd(0, PA + j * 256, 64);
+        const at::BFloat16* vb = ws.vpairs.data() + j * 16 * 2 * D + 2 * d0;
+        _tile_loadd(1, vb, 4 * D);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(2, vb + 32, 4 * D);
+        _tile_dpbf16ps(5, 0, 2);
+        _tile_loadd(3, vb + 64, 4 * D);
+        _tile_dpbf16ps(6, 0, 3);
+        _tile_loadd(1, vb + 96, 4 * D);
+        _tile_dpbf16ps(7, 0, 1);
+      }
+      _tile_stored(4, obuf + d0, D * 4);
+      _tile_stored(5, obuf + d0 + 16, D * 4);
+      _tile_stored(6, obuf + d0 + 32, D * 4);
+      _tile_stored(7, obuf + d0 + 48, D * 4);
+    }
+    for (int64_t i = 0; i < nrows; ++i) {
+      const __m512 inv = _mm512_set1_ps(1.f / sums[i]);
+      at::BFloat16* o = out + i * out_stride + g * D;
+      for (int c = 0; c < NC; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + i * D + 16 * c), inv)));
+    }
+  }
+  _tile_release();
+}
+
 using AttendTileBF16 = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const at::BFloat16*,
                                 const at::BFloat16*, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
                                 TileScratch&, at::BFloat16*, int64_t);
 
-AttendTileBF16 pick_tile_kernel(int64_t D) {
+AttendTileBF16 pick_tile_kernel(int64_t D, int64_t BS) {
+  const char* off = std::getenv("VIDYA_AMX");  // "0": AVX-512 only (for comparisons)
+  const bool amx = amx_ready() && BS % 16 == 0 && !(off && std::strcmp(off, "0") == 0);
   switch (D) {
-    case 64: return &attend_tile_bf16<4>;
-    case 128: return &attend_tile_bf16<8>;
+    case 64: return amx ? &attend_tile_amx<4> : &attend_tile_bf16<4>;
+    case 128: return amx ? &attend_tile_amx<8> : &attend_tile_bf16<8>;
     default: return nullptr;
   }
 }
@@ -496,7 +651,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   AttendBF16 fast = nullptr;
   AttendTileBF16 tile = nullptr;
   if constexpr (std::is_same_v<T, at::BFloat16>)
-    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = pick_tile_kernel(D);
+    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = pick_tile_kernel(D, BS);
   // Work items: tiles of up to 16 consecutive rows of one sequence (prefill chunks), biggest
   // first, handed out dynamically (they cost far more than rows); then single rows in batch
   // order, a few at a time, so one thread reads all kv heads of a row's blocks in turn.
@@ -685,25 +840,6 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
 // read once per call. Each k-step loads one B tile and multiplies it with up to four 16-row A
 // tiles of x (from L2). oneDNN's general kernel reaches ~60% of memory bandwidth at this shape;
 // the weights are the whole cost of a decode step's matmuls.
-#define VIDYA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_ready() {
-  static const bool ok = [] {
-    if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-bf16") &&
-          __builtin_cpu_supports("amx-tile")))
-      return false;
-    // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
-    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  }();
-  return ok;
-}
-
 constexpr int64_t kAmxMaxRows = 64;
 
 at::Tensor amx_pack(const at::Tensor& w) {

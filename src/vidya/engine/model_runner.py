@@ -73,7 +73,9 @@ class ModelRunner:
         self.device = device
         self.use_kernel = self._use_kernel(attention_backend, device)
         if self.use_kernel and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            model.pack_linears(amx=cpu_kernels.amx_available())
+            amx = cpu_kernels.amx_available()
+            # with AMX, oneDNN only runs the big (prefill) batches: lay its weights out for those
+            model.pack_linears(batch_hint=4096 if amx else 64, amx=amx)
         self.block_size = cache.block_size
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)

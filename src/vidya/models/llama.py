@@ -153,6 +153,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    packed_stack: tuple | None = None  # set by LlamaForCausalLM.pack_linears (see decode_stack)
+
     def __init__(self, config, max_positions: int, qkv_bias: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -160,9 +162,41 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_positions)
 
+    def decode_stack(self) -> tuple | None:
+        """The per-layer weights `vidya::decode_layers` takes, when every projection has its AMX
+        copy and only q/k/v may carry a bias; else None (the Python layers run)."""
+        layers = list(self.layers)
+        lins = [lin for lay in layers for lin in (lay.self_attn.qkv_proj, lay.self_attn.o_proj,
+                                                  lay.mlp.gate_up_proj, lay.mlp.down_proj)]
+        if any(lin.amx is None for lin in lins):
+            return None
+        if any(lin.bias is not None for lay in layers for lin in (lay.self_attn.o_proj, lay.mlp.gate_up_proj,
+                                                                  lay.mlp.down_proj)):
+            return None
+        biased = [lay.self_attn.qkv_proj.bias is not None for lay in layers]
+        if any(biased) and not all(biased):
+            return None
+        return ([lay.input_layernorm.weight for lay in layers],
+                [lay.self_attn.qkv_proj.amx for lay in layers],
+                [lay.self_attn.qkv_proj.bias for lay in layers] if all(biased) else [],
+                [lay.self_attn.o_proj.amx for lay in layers],
+                [lay.post_attention_layernorm.weight for lay in layers],
+                [lay.mlp.gate_up_proj.amx for lay in layers],
+                [lay.mlp.down_proj.amx for lay in layers])
+
     def forward(self, input_ids, positions, kv_caches, meta, fused: bool = False):
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions, x.dtype)
+        if fused and self.packed_stack is not None and x.shape[0] <= Linear.AMX_MAX_ROWS:
+            # small batches (decode steps): every layer in one C++ call
+            attn = self.layers[0].self_attn
+            r = meta.rows
+            x, residual = torch.ops.vidya.decode_layers(
+                x, rope[0], rope[1], *self.packed_stack, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+                meta.slot_mapping, r.block_tables, r.row_seq, r.row_ctx, attn.num_heads, attn.num_kv_heads,
+                attn.head_dim, self.norm.eps, attn.scale)
+            torch.ops.vidya.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)
+            return x
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv, meta, fused)
@@ -204,6 +238,10 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear) and id(m) not in in_mlps:
                 m.pack(batch_hint, amx)
+        eps = {lay.input_layernorm.eps for lay in self.model.layers} | {lay.post_attention_layernorm.eps
+                                                                        for lay in self.model.layers}
+        if amx and eps == {self.model.norm.eps}:
+            self.model.packed_stack = self.model.decode_stack()
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""

@@ -872,12 +872,28 @@ VIDYA_AVX512BF16 void store_tile_rows(const float* c, int64_t m0, int64_t M, con
 
 // C[m-tiles m0.., strips nt..] for MH m-tiles x SP strips (2 x 2 at most: 4 C tiles, 2 A, 2 B,
 // every tile load feeding two multiplies). x stays in L2, each weight strip streams from memory.
-template <int MH, int SP>
+// SiLU(gate) * up from a gate tile and an up tile, rounded as silu_and_mul rounds them
+VIDYA_AVX512BF16 void store_silu_rows(const float* gate, const float* up, int64_t m0, int64_t M, at::BFloat16* y,
+                                      int64_t N) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t r = 0; r < 16 && m0 + r < M; ++r) {
+    const __m512 x = round_bf16(_mm512_load_ps(gate + r * 16));
+    const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    __m512 rc = _mm512_rcp14_ps(d);
+    rc = _mm512_mul_ps(rc, _mm512_fnmadd_ps(d, rc, _mm512_set1_ps(2.f)));
+    const __m512 h = _mm512_mul_ps(round_bf16(_mm512_mul_ps(x, rc)), round_bf16(_mm512_load_ps(up + r * 16)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + r) * N), (__m256i)_mm512_cvtneps_pbh(h));
+  }
+}
+
+// SILU: strip nt is a gate strip, strip nt1 its up strip; y gets SiLU(gate) * up in column strip nt.
+template <int MH, int SP, bool SILU = false>
 VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, const at::BFloat16* wp, int64_t nt,
-                                int64_t M, const float* bias, at::BFloat16* y, int64_t N, float* c) {
+                                int64_t M, const float* bias, at::BFloat16* y, int64_t N, float* c,
+                                int64_t nt1 = -1, float* c2 = nullptr) {
   const int64_t KS = K / 32, lda = K * 2;
   const at::BFloat16* b0 = wp + nt * KS * 512;
-  const at::BFloat16* b1 = b0 + KS * 512;
+  const at::BFloat16* b1 = wp + (nt1 >= 0 ? nt1 : nt + 1) * KS * 512;
   const at::BFloat16* a0 = x + m0 * K;
   const at::BFloat16* a1 = a0 + 16 * K;
   _tile_zero(0);
@@ -900,6 +916,12 @@ VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, co
     if constexpr (MH > 1) { _tile_loadd(5, a1 + ks * 32, lda); _tile_dpbf16ps(2, 5, 6); }
     if constexpr (MH > 1 && SP > 1) _tile_dpbf16ps(3, 5, 7);
   }
+  if constexpr (SILU) {
+    static_assert(SP == 2, "a gate strip needs its up strip");
+    _tile_stored(0, c, 64); _tile_stored(1, c2, 64); store_silu_rows(c, c2, m0, M, y + nt * 16, N);
+    if constexpr (MH > 1) { _tile_stored(2, c, 64); _tile_stored(3, c2, 64); store_silu_rows(c, c2, m0 + 16, M, y + nt * 16, N); }
+    return;
+  }
   const float* bn0 = bias ? bias + nt * 16 : nullptr;
   const float* bn1 = bias ? bias + nt * 16 + 16 : nullptr;
   _tile_stored(0, c, 64); store_tile_rows(c, m0, M, bn0, y + nt * 16, N);
@@ -910,13 +932,31 @@ VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, co
 
 // strips [nt_begin, nt_end) of y: pairs of strips, for each pair every pair of m-tiles in turn
 // (the pair's weights are still in L1/L2 for the second m-pair)
+// silu_half > 0: W is [gate | up] with silu_half strips each; strips [nt_begin, nt_end) of the
+// gate half are paired with their up strips and y (N = silu_half * 16 columns) gets SiLU(gate) * up.
 VIDYA_AMX void amx_strips(const at::BFloat16* x, int64_t K, const at::BFloat16* wp, int64_t nt_begin, int64_t nt_end,
-                          int64_t M, const float* bias, at::BFloat16* y, int64_t N) {
+                          int64_t M, const float* bias, at::BFloat16* y, int64_t N, int64_t silu_half = 0) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
   _tile_loadconfig(&cfg);
   alignas(64) float c[16 * 16];
+  alignas(64) float c2[16 * 16];
   const int64_t MT = (M + 15) / 16;
+  if (silu_half > 0) {
+    const int64_t panel = std::max<int64_t>(1, int64_t(48) * 1024 / (K * 32));
+    for (int64_t p0 = nt_begin; p0 < nt_end; p0 += panel) {
+      const int64_t p1 = std::min(nt_end, p0 + panel);
+      for (int64_t m0 = 0; m0 < MT * 16; m0 += 32) {
+        const bool two = m0 + 16 < MT * 16;
+        for (int64_t nt = p0; nt < p1; ++nt) {
+          if (two) amx_block<2, 2, true>(x, K, m0, wp, nt, M, nullptr, y, N, c, nt + silu_half, c2);
+          else amx_block<1, 2, true>(x, K, m0, wp, nt, M, nullptr, y, N, c, nt + silu_half, c2);
+        }
+      }
+    }
+    _tile_release();
+    return;
+  }
   // panels of strips small enough to stay in L2 while every m-pair passes over them; within a
   // pass the m-pair's rows of x stay in L1
   const int64_t panel = std::max<int64_t>(2, (int64_t(96) * 1024 / (K * 32)) & ~int64_t(1));
@@ -936,12 +976,27 @@ VIDYA_AMX void amx_strips(const at::BFloat16* x, int64_t K, const at::BFloat16* 
   _tile_release();
 }
 
+at::Tensor amx_linear_impl(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                           bool silu);
+
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  return amx_linear_impl(x, packed, bias, false);
+}
+
+// gate_up [2I, K] packed: SiLU(x Wg^T) * (x Wu^T), [M, I], the same values as silu_and_mul(amx_linear(..))
+at::Tensor amx_linear_silu(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) % 2 == 0, "amx_linear_silu: need an even number of strips");
+  return amx_linear_impl(x, packed, c10::nullopt, true);
+}
+
+at::Tensor amx_linear_impl(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                           bool silu) {
   TORCH_CHECK(amx_ready(), "amx_linear: this CPU (or kernel) offers no AMX");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && x.size(1) == packed.size(1) * 32 &&
               x.size(0) <= kAmxMaxRows, "amx_linear: need bf16 x [M <= 64, K] and a weight from amx_pack");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, MT = (M + 15) / 16;
+  const int64_t M = x.size(0), K = x.size(1), MT = (M + 15) / 16;
+  const int64_t N = packed.size(0) * 16 / (silu ? 2 : 1);  // output columns
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   // x padded to whole 16-row tiles (the tiles read 16 rows)
@@ -965,7 +1020,10 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const c10::
   {
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t begin = strips * tid / nth, end = strips * (tid + 1) / nth;
-    amx_strips(xd, K, wd, begin & ~int64_t(1), tid + 1 == nth ? strips : end & ~int64_t(1), M, bp, yd, N);
+    if (silu)  // strips of the gate half, each with its up strip
+      amx_strips(xd, K, wd, begin, end, M, nullptr, yd, N, strips);
+    else
+      amx_strips(xd, K, wd, begin & ~int64_t(1), tid + 1 == nth ? strips : end & ~int64_t(1), M, bp, yd, N);
   }
   return y;
 }
@@ -1100,7 +1158,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     at::Tensor attn = paged_attention(q, k_caches[l], v_caches[l], block_tables, row_seq, row_ctx, scale);
     x = amx_linear(attn.view({M, heads * head_dim}), o[l], c10::nullopt);
     add_rms_norm_(x, residual, ln2[l], eps);
-    x = amx_linear(silu_and_mul(amx_linear(x, gate_up[l], c10::nullopt)), down[l], c10::nullopt);
+    x = amx_linear(amx_linear_silu(x, gate_up[l]), down[l], c10::nullopt);
   }
   return {x, residual};
 }
@@ -1119,6 +1177,7 @@ TORCH_LIBRARY(vidya, m) {
   m.def("amx_available() -> bool");
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
+  m.def("amx_linear_silu(Tensor x, Tensor packed) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] ln1, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
         "Tensor[] ln2, Tensor[] gate_up, Tensor[] down, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, Tensor block_tables, Tensor row_seq, Tensor row_ctx, int heads, int kv_heads, "
@@ -1138,5 +1197,6 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("argmax_rows", &argmax_rows);
   m.impl("amx_pack", &amx_pack);
   m.impl("amx_linear", &amx_linear);
+  m.impl("amx_linear_silu", &amx_linear_silu);
   m.impl("decode_layers", &decode_layers);
 }

@@ -71,3 +71,19 @@ def test_kernels_match_reference_and_transformers_in_bf16(bf16_llama):
         agree += same > 0
     # a near-tie may go either way in bf16 (checked against transformers above), but not often
     assert agree >= len(prompts) - 2, agree
+
+
+def test_fused_greedy_pick_gives_the_logits_path_tokens(bf16_llama):
+    """Greedy requests without logprobs take the lm_head's fused argmax (on AMX CPUs); with
+    logprobs they go through the logits and the sampler. Same tokens, exactly."""
+    model_dir, _ = bf16_llama
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, 49000) for _ in range(n)] for n in (40, 7, 3, 12, 25)]
+    plain = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)
+    engine = make_engine(model_dir, dtype="bfloat16", block_size=16, attention_backend="cpu")
+    ids = [engine.add_request(None, p, plain) for p in prompts]
+    done = run_to_completion(engine)
+    fused = [done[i].outputs[0].token_ids for i in ids]
+    with_logits = greedy_logprobs(make_engine(model_dir, dtype="bfloat16", block_size=16, attention_backend="cpu"),
+                                  prompts, n=6)
+    assert fused == [[t for t, _ in with_logits[i]] for i in range(len(prompts))]

@@ -168,3 +168,19 @@ def test_amx_linear_silu_is_silu_and_mul_of_amx_linear(rows):
     packed = torch.ops.vidya.amx_pack(w)
     want = torch.ops.vidya.silu_and_mul(torch.ops.vidya.amx_linear(x, packed, None))
     assert torch.equal(torch.ops.vidya.amx_linear_silu(x, packed), want)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows", [1, 16, 33, 64])
+def test_amx_linear_argmax_is_argmax_of_the_bf16_logits(rows):
+    """lm_head + greedy pick in one pass: the ids argmax_rows gives on the bf16 logits, ties
+    (a duplicated weight row) resolved to the first column."""
+    g = torch.Generator().manual_seed(rows + 5)
+    w = (torch.randn(49152, 576, generator=g) * 0.05).to(torch.bfloat16)
+    w[40000] = w[123]  # the same logit twice: the first column wins
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    x[0] = w[123] * 10  # row 0's maximum is at 123 and 40000
+    packed = torch.ops.vidya.amx_pack(w)
+    want = torch.ops.vidya.argmax_rows(torch.ops.vidya.amx_linear(x, packed, None))
+    assert want[0] == 123
+    assert torch.equal(torch.ops.vidya.amx_linear_argmax(x, packed), want)

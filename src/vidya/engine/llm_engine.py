@@ -14,7 +14,7 @@ from vidya.engine.kv_cache_manager import KVCacheManager
 from vidya.engine.model_runner import ModelRunner, num_kv_blocks
 from vidya.engine.output_processor import RequestState, SampleState, update_sample
 from vidya.engine.request import Request, RequestStatus
-from vidya.engine.sampler import Sampler
+from vidya.engine.sampler import Sampler, SamplerOutput
 from vidya.engine.scheduler import Scheduler
 from vidya.engine.stats import EngineStats
 from vidya.models import loader
@@ -158,8 +158,12 @@ class LLMEngine:
         if sched.is_empty:
             return []
         self._record_queue_time(sched)
-        logits, requests = self.runner.execute(sched)
-        return self._update(sched, requests, self.sampler(logits, requests) if requests else None)
+        out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
+        if are_tokens:
+            sampled = SamplerOutput(out.tolist(), [None] * len(requests))
+        else:
+            sampled = self.sampler(out, requests) if requests else None
+        return self._update(sched, requests, sampled)
 
     def _record_queue_time(self, sched) -> None:
         now = time.monotonic()

@@ -173,9 +173,15 @@ class ModelRunner:
                           torch.tensor(logits_rows, dtype=torch.long, device=dev), sampling)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
+    def execute(self, out: SchedulerOutput, argmax_only=None) -> tuple[torch.Tensor, list[Request], bool]:
+        """Runs the step; returns (logits of the rows that sample, their requests, False), or,
+        when `argmax_only(requests)` says every one of them just takes the argmax and the model
+        can fuse it into the lm_head, (their token ids, requests, True)."""
         inp = self.prepare(out)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, fused=self.use_kernel)
         if not inp.sampling_requests:
-            return hidden.new_empty((0, 0)), []
-        return self.model.compute_logits(hidden[inp.logits_indices]), inp.sampling_requests
+            return hidden.new_empty((0, 0)), [], False
+        rows = hidden[inp.logits_indices]
+        if argmax_only is not None and self.model.can_argmax(rows) and argmax_only(inp.sampling_requests):
+            return self.model.compute_argmax(rows), inp.sampling_requests, True
+        return self.model.compute_logits(rows), inp.sampling_requests, False

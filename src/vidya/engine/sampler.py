@@ -48,10 +48,16 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.request_generators.pop(request_id, None)
 
+    @classmethod
+    def only_argmax(cls, requests: list[Request]) -> bool:
+        """Whether every row just takes the argmax of the raw logits (greedy, no logprobs, nothing
+        that adjusts logits): then the model may fuse the pick into its lm_head."""
+        return all(r.sampling_params.greedy and r.sampling_params.logprobs is None and not cls._needs_adjust(r)
+                   for r in requests)
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits.cpu()
-        if not all(r.sampling_params.greedy and r.sampling_params.logprobs is None and not self._needs_adjust(r)
-                   for r in requests):
+        if not self.only_argmax(requests):
             logits = logits.float()  # argmax alone is exact in the model's dtype
         raw = logits
         adjust = [i for i, r in enumerate(requests) if self._needs_adjust(r)]

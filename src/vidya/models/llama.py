@@ -228,6 +228,14 @@ class LlamaForCausalLM(nn.Module):
         """In the model's dtype; the sampler converts to float32 where it needs to."""
         return self.lm_head(hidden)
 
+    def can_argmax(self, hidden: torch.Tensor) -> bool:
+        return self.lm_head.amx is not None and hidden.shape[0] <= Linear.AMX_MAX_ROWS and self.lm_head.bias is None
+
+    def compute_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row: argmax of compute_logits(hidden), first maximum, without
+        writing the [rows, vocab] logits (AMX; see can_argmax)."""
+        return torch.ops.vidya.amx_linear_argmax(hidden, self.lm_head.amx)
+
     def pack_linears(self, batch_hint: int = 64, amx: bool = False) -> None:
         """Prepack every projection and the lm_head for oneDNN and, with `amx`, for vidya's AMX
         kernel (CPU, bf16 only)."""

@@ -886,11 +886,41 @@ VIDYA_AVX512BF16 void store_silu_rows(const float* gate, const float* up, int64_
   }
 }
 
+// Running first maximum of each row over the bf16-rounded values of a tile's columns (lm_head +
+// greedy argmax without writing the logits), kept per lane (column mod 16): best[r * 16 + lane],
+// best_i likewise; reduced across lanes once at the end (argmax_lanes).
+VIDYA_AVX512BF16 void argmax_tile_rows(const float* c, int64_t m0, int64_t M, int64_t col0, float* best,
+                                       int32_t* best_i) {
+  const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(col0)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int64_t r = 0; r < 16 && m0 + r < M; ++r) {
+    float* b = best + (m0 + r) * 16;
+    int32_t* bi = best_i + (m0 + r) * 16;
+    const __m512 v = round_bf16(_mm512_load_ps(c + r * 16));
+    const __m512 bv = _mm512_loadu_ps(b);
+    // strictly greater: columns come in increasing order, so each lane keeps its first maximum
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+    _mm512_storeu_ps(b, _mm512_mask_mov_ps(bv, gt, v));
+    _mm512_storeu_si512(bi, _mm512_mask_mov_epi32(_mm512_loadu_si512(bi), gt, cols));
+  }
+}
+
+// (value, column) of a row's first maximum from its 16 lanes
+VIDYA_AVX512BF16 std::pair<float, int64_t> argmax_lanes(const float* best, const int32_t* best_i) {
+  const __m512 bv = _mm512_loadu_ps(best);
+  const float m = _mm512_reduce_max_ps(bv);
+  if (!(m > -std::numeric_limits<float>::infinity())) return {m, 0};
+  const __mmask16 eq = _mm512_cmp_ps_mask(bv, _mm512_set1_ps(m), _CMP_EQ_OQ);
+  return {m, _mm512_mask_reduce_min_epi32(eq, _mm512_loadu_si512(best_i))};
+}
+
 // SILU: strip nt is a gate strip, strip nt1 its up strip; y gets SiLU(gate) * up in column strip nt.
-template <int MH, int SP, bool SILU = false>
+// ARGMAX: no y; best / best_i (per row) track the first maximum (SP = 1).
+template <int MH, int SP, bool SILU = false, bool ARGMAX = false>
 VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, const at::BFloat16* wp, int64_t nt,
                                 int64_t M, const float* bias, at::BFloat16* y, int64_t N, float* c,
-                                int64_t nt1 = -1, float* c2 = nullptr) {
+                                int64_t nt1 = -1, float* c2 = nullptr, float* best = nullptr,
+                                int32_t* best_i = nullptr) {
   const int64_t KS = K / 32, lda = K * 2;
   const at::BFloat16* b0 = wp + nt * KS * 512;
   const at::BFloat16* b1 = wp + (nt1 >= 0 ? nt1 : nt + 1) * KS * 512;
@@ -916,6 +946,13 @@ VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, co
     if constexpr (MH > 1) { _tile_loadd(5, a1 + ks * 32, lda); _tile_dpbf16ps(2, 5, 6); }
     if constexpr (MH > 1 && SP > 1) _tile_dpbf16ps(3, 5, 7);
   }
+  if constexpr (ARGMAX) {  // strips nt, nt + 1 in column order
+    _tile_stored(0, c, 64); argmax_tile_rows(c, m0, M, nt * 16, best, best_i);
+    if constexpr (SP > 1) { _tile_stored(1, c, 64); argmax_tile_rows(c, m0, M, nt * 16 + 16, best, best_i); }
+    if constexpr (MH > 1) { _tile_stored(2, c, 64); argmax_tile_rows(c, m0 + 16, M, nt * 16, best, best_i); }
+    if constexpr (MH > 1 && SP > 1) { _tile_stored(3, c, 64); argmax_tile_rows(c, m0 + 16, M, nt * 16 + 16, best, best_i); }
+    return;
+  }
   if constexpr (SILU) {
     static_assert(SP == 2, "a gate strip needs its up strip");
     _tile_stored(0, c, 64); _tile_stored(1, c2, 64); store_silu_rows(c, c2, m0, M, y + nt * 16, N);
@@ -935,13 +972,32 @@ VIDYA_AMX inline void amx_block(const at::BFloat16* x, int64_t K, int64_t m0, co
 // silu_half > 0: W is [gate | up] with silu_half strips each; strips [nt_begin, nt_end) of the
 // gate half are paired with their up strips and y (N = silu_half * 16 columns) gets SiLU(gate) * up.
 VIDYA_AMX void amx_strips(const at::BFloat16* x, int64_t K, const at::BFloat16* wp, int64_t nt_begin, int64_t nt_end,
-                          int64_t M, const float* bias, at::BFloat16* y, int64_t N, int64_t silu_half = 0) {
+                          int64_t M, const float* bias, at::BFloat16* y, int64_t N, int64_t silu_half = 0,
+                          float* best = nullptr, int32_t* best_i = nullptr) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
   _tile_loadconfig(&cfg);
   alignas(64) float c[16 * 16];
   alignas(64) float c2[16 * 16];
   const int64_t MT = (M + 15) / 16;
+  if (best != nullptr) {  // argmax: strips in column order, every m-pair per panel
+    const int64_t panel = std::max<int64_t>(2, (int64_t(96) * 1024 / (K * 32)) & ~int64_t(1));
+    for (int64_t p0 = nt_begin; p0 < nt_end; p0 += panel) {
+      const int64_t p1 = std::min(nt_end, p0 + panel);
+      for (int64_t m0 = 0; m0 < MT * 16; m0 += 32) {
+        const bool two = m0 + 16 < MT * 16;
+        for (int64_t nt = p0; nt < p1; nt += 2) {
+          const bool pair = nt + 1 < p1;
+          if (pair && two) amx_block<2, 2, false, true>(x, K, m0, wp, nt, M, nullptr, nullptr, N, c, -1, nullptr, best, best_i);
+          else if (pair) amx_block<1, 2, false, true>(x, K, m0, wp, nt, M, nullptr, nullptr, N, c, -1, nullptr, best, best_i);
+          else if (two) amx_block<2, 1, false, true>(x, K, m0, wp, nt, M, nullptr, nullptr, N, c, -1, nullptr, best, best_i);
+          else amx_block<1, 1, false, true>(x, K, m0, wp, nt, M, nullptr, nullptr, N, c, -1, nullptr, best, best_i);
+        }
+      }
+    }
+    _tile_release();
+    return;
+  }
   if (silu_half > 0) {
     const int64_t panel = std::max<int64_t>(1, int64_t(48) * 1024 / (K * 32));
     for (int64_t p0 = nt_begin; p0 < nt_end; p0 += panel) {
@@ -987,6 +1043,46 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const c10::
 at::Tensor amx_linear_silu(const at::Tensor& x, const at::Tensor& packed) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(0) % 2 == 0, "amx_linear_silu: need an even number of strips");
   return amx_linear_impl(x, packed, c10::nullopt, true);
+}
+
+// argmax over the columns of x W^T (rounded to bf16), per row, first maximum: the lm_head and
+// greedy sampling in one pass, without writing [M, vocab] logits. Same ids as argmax_rows(amx_linear(..)).
+at::Tensor amx_linear_argmax(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(amx_ready(), "amx_linear_argmax: this CPU (or kernel) offers no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+              packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && x.size(1) == packed.size(1) * 32 &&
+              x.size(0) <= kAmxMaxRows, "amx_linear_argmax: need bf16 x [M <= 64, K] and a weight from amx_pack");
+  const int64_t M = x.size(0), K = x.size(1), MT = (M + 15) / 16, strips = packed.size(0);
+  at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
+  if (M == 0) return out;
+  at::Tensor xp = at::zeros({MT * 16, K}, x.options());
+  xp.narrow(0, 0, M).copy_(x);
+  const int nth = at::get_num_threads();
+  // per thread, per row, per lane: running maximum and its column
+  std::vector<float> best(static_cast<size_t>(nth) * M * 16, -std::numeric_limits<float>::infinity());
+  std::vector<int32_t> best_i(static_cast<size_t>(nth) * M * 16, 0);
+  const at::BFloat16* xd = xp.data_ptr<at::BFloat16>();
+  const at::BFloat16* wd = packed.data_ptr<at::BFloat16>();
+  int used = 1;
+#pragma omp parallel num_threads(nth)
+  {
+    const int64_t n = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t begin = strips * tid / n, end = strips * (tid + 1) / n;
+    if (tid == 0) used = static_cast<int>(n);
+    amx_strips(xd, K, wd, begin, end, M, nullptr, nullptr, 0, 0, best.data() + tid * M * 16,
+               best_i.data() + tid * M * 16);
+  }
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) {  // threads cover increasing columns: the first strict maximum wins
+    float b = -std::numeric_limits<float>::infinity();
+    int64_t at_ = 0;
+    for (int t = 0; t < used; ++t) {
+      const auto [v, col] = argmax_lanes(best.data() + (t * M + r) * 16, best_i.data() + (t * M + r) * 16);
+      if (v > b) b = v, at_ = col;
+    }
+    op[r] = at_;
+  }
+  return out;
 }
 
 at::Tensor amx_linear_impl(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
@@ -1178,6 +1274,7 @@ TORCH_LIBRARY(vidya, m) {
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
   m.def("amx_linear_silu(Tensor x, Tensor packed) -> Tensor");
+  m.def("amx_linear_argmax(Tensor x, Tensor packed) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] ln1, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, "
         "Tensor[] ln2, Tensor[] gate_up, Tensor[] down, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, Tensor block_tables, Tensor row_seq, Tensor row_ctx, int heads, int kv_heads, "
@@ -1198,5 +1295,6 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("amx_pack", &amx_pack);
   m.impl("amx_linear", &amx_linear);
   m.impl("amx_linear_silu", &amx_linear_silu);
+  m.impl("amx_linear_argmax", &amx_linear_argmax);
   m.impl("decode_layers", &decode_layers);
 }

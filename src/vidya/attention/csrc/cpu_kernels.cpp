@@ -307,6 +307,62 @@ struct TileScratch {
   std::vector<uint32_t> pa;                  // AMX: P as A tiles, [chunks of 32 keys][16 rows][16 pairs]
 };
 
+// The K and V addresses of a tile's first cmax keys (kv head kvh_index), from the block table.
+inline void collect_addresses(TileScratch& ws, const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table,
+                              int64_t cmax, int64_t kvh_index, int64_t BS, int64_t token_stride, int64_t D) {
+  ws.keys.resize(cmax);
+  ws.values.resize(cmax);
+  for (int64_t t = 0, blk = 0, off = 0; t < cmax; ++t) {
+    const int64_t base = (table[blk] * BS + off) * token_stride + kvh_index * D;
+    ws.keys[t] = kc + base;
+    ws.values[t] = vc + base;
+    if (++off == BS) off = 0, ++blk;
+  }
+}
+
+// V in key pairs (VNNI order): for pair pp, D x (V[2pp][d], V[2pp+1][d]); zero past cmax.
+VIDYA_AVX512BF16 void pack_value_pairs(const std::vector<const at::BFloat16*>& values, int64_t cmax, int64_t D,
+                                       at::BFloat16* dst) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  for (int64_t pp = 0; pp < (cmax + 1) / 2; ++pp, dst += 2 * D) {
+    const at::BFloat16* a = values[2 * pp];
+    const at::BFloat16* b = 2 * pp + 1 < cmax ? values[2 * pp + 1] : nullptr;
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const __m512i va = _mm512_loadu_si512(a + 32 * c);
+      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 64 * c, _mm512_permutex2var_epi16(va, ilo, vb));
+      _mm512_storeu_si512(dst + 64 * c + 32, _mm512_permutex2var_epi16(va, ihi, vb));
+    }
+  }
+}
+
+// Q of head g for the tile's rows, transposed into dimension pairs: qt[p * 16 + i] = (Q[i][2p], Q[i][2p+1])
+inline void transpose_q_pairs(const at::BFloat16* q, int64_t q_stride, int64_t nrows, int64_t g, int64_t D,
+                              uint32_t* qt) {
+  for (int64_t p = 0; p < D / 2; ++p)
+    for (int64_t i = 0; i < 16; ++i) {
+      uint32_t v = 0;
+      if (i < nrows) std::memcpy(&v, q + i * q_stride + g * D + 2 * p, 4);
+      qt[p * 16 + i] = v;
+    }
+}
+
+// lanes (rows) that may see key t: all when t < c0, else rows i > t - c0 (row i sees c0 + i keys)
+inline __mmask16 visible_rows(int64_t t, int64_t c0) {
+  return t < c0 ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu & ~((2u << (t - c0)) - 1u));
+}
+
+// (e0[i], e1[i]) as bf16 pairs, lane i = row i
+VIDYA_AVX512BF16 inline __m512i pair_rows(__m512 e0, __m512 e1) {
+  alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(pair_idx), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+}
+
 template <int NC>  // NC = D / 16
 VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, int64_t nrows, int64_t G,
                                        const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table,
@@ -317,49 +373,14 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
   ws.scores.resize(static_cast<size_t>(cmax) * 16);
   ws.pairs.resize(static_cast<size_t>(npairs) * 16);
   ws.vpairs.resize(static_cast<size_t>(npairs) * 2 * D);
-  ws.keys.resize(cmax);
-  ws.values.resize(cmax);
-  for (int64_t t = 0, blk = 0, off = 0; t < cmax; ++t) {
-    const int64_t base = (table[blk] * BS + off) * token_stride + kvh_index * D;
-    ws.keys[t] = kc + base;
-    ws.values[t] = vc + base;
-    if (++off == BS) off = 0, ++blk;
-  }
-  // V in key pairs: for each pair, D x (V[t][d], V[t+1][d])
-  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
-  for (int64_t pp = 0; pp < npairs; ++pp) {
-    const at::BFloat16* a = ws.values[2 * pp];
-    const at::BFloat16* b = 2 * pp + 1 < cmax ? ws.values[2 * pp + 1] : nullptr;
-    at::BFloat16* dst = ws.vpairs.data() + pp * 2 * D;
-    for (int c = 0; c < D / 32; ++c) {
-      const __m512i va = _mm512_loadu_si512(a + 32 * c);
-      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + 64 * c, _mm512_permutex2var_epi16(va, ilo, vb));
-      _mm512_storeu_si512(dst + 64 * c + 32, _mm512_permutex2var_epi16(va, ihi, vb));
-    }
-  }
-  alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i ipair = _mm512_load_si512(pair_idx);
+  collect_addresses(ws, kc, vc, table, cmax, kvh_index, BS, token_stride, D);
+  pack_value_pairs(ws.values, cmax, D, ws.vpairs.data());
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  // lanes of row i that may see key t: all when t < c0, else rows i > t - c0
-  auto visible = [&](int64_t t) -> __mmask16 {
-    return t < c0 ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu & ~((2u << (t - c0)) - 1u));
-  };
   float* S = ws.scores.data();
   uint32_t* P = ws.pairs.data();
   for (int64_t g = 0; g < G; ++g) {
     alignas(64) uint32_t qt[D / 2][16];
-    for (int p = 0; p < D / 2; ++p)
-      for (int i = 0; i < 16; ++i) {
-        uint32_t v = 0;
-        if (i < nrows) std::memcpy(&v, q + i * q_stride + g * D + 2 * p, 4);
-        qt[p][i] = v;
-      }
+    transpose_q_pairs(q, q_stride, nrows, g, D, &qt[0][0]);
     // pass 1: scores, 8 keys at a time, and the running max per row
     __m512 mv = neg_inf;
     const __m512 sc = _mm512_set1_ps(scale);
@@ -378,7 +399,7 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
         }
       }
       for (int j = 0; j < nk; ++j) {
-        const __m512 s = _mm512_mask_mov_ps(neg_inf, visible(t0 + j), _mm512_mul_ps(acc[j], sc));
+        const __m512 s = _mm512_mask_mov_ps(neg_inf, visible_rows(t0 + j, c0), _mm512_mul_ps(acc[j], sc));
         _mm512_storeu_ps(S + (t0 + j) * 16, s);
         mv = _mm512_max_ps(mv, s);
       }
@@ -387,13 +408,12 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
     __m512 sum = _mm512_setzero_ps();
     for (int64_t pp = 0; pp < npairs; ++pp) {
       const int64_t t = 2 * pp;
-      const __m512 e0 = _mm512_maskz_mov_ps(visible(t), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
+      const __m512 e0 = _mm512_maskz_mov_ps(visible_rows(t, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
       const __m512 e1 = t + 1 < cmax
-          ? _mm512_maskz_mov_ps(visible(t + 1), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
+          ? _mm512_maskz_mov_ps(visible_rows(t + 1, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
           : _mm512_setzero_ps();
       sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // [e0 x16 | e1 x16]
-      _mm512_storeu_si512(P + pp * 16, _mm512_permutexvar_epi16(ipair, both));
+      _mm512_storeu_si512(P + pp * 16, pair_rows(e0, e1));
     }
     alignas(64) float sums[16];
     _mm512_store_ps(sums, sum);
@@ -437,46 +457,19 @@ VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t 
   ws.scores.resize(static_cast<size_t>(ktiles) * 256);
   ws.vpairs.assign(static_cast<size_t>(chunks) * 16 * 2 * D, at::BFloat16(0.f));
   ws.pa.assign(static_cast<size_t>(chunks) * 256, 0u);
-  // V in key pairs (as attend_tile_bf16), zero past the context
-  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
-  auto value_at = [&](int64_t t) { return vc + (table[t / BS] * BS + t % BS) * token_stride + kvh_index * D; };
-  for (int64_t pp = 0; pp < npairs; ++pp) {
-    const at::BFloat16* a = value_at(2 * pp);
-    const at::BFloat16* b = 2 * pp + 1 < cmax ? value_at(2 * pp + 1) : nullptr;
-    at::BFloat16* dst = ws.vpairs.data() + pp * 2 * D;
-    for (int c = 0; c < D / 32; ++c) {
-      const __m512i va = _mm512_loadu_si512(a + 32 * c);
-      const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + 64 * c, _mm512_permutex2var_epi16(va, ilo, vb));
-      _mm512_storeu_si512(dst + 64 * c + 32, _mm512_permutex2var_epi16(va, ihi, vb));
-    }
-  }
+  collect_addresses(ws, kc, vc, table, cmax, kvh_index, BS, token_stride, D);
+  pack_value_pairs(ws.values, cmax, D, ws.vpairs.data());  // the rest stays zero: whole 32-key chunks
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
   _tile_loadconfig(&cfg);
-  alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i ipair = _mm512_load_si512(pair_idx);
   const __m512i row16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(16));
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  auto visible = [&](int64_t t) -> __mmask16 {
-    return t < c0 ? (__mmask16)0xFFFF : (__mmask16)(0xFFFFu & ~((2u << (t - c0)) - 1u));
-  };
   float* S = ws.scores.data();
   alignas(64) float obuf[16 * D];
   for (int64_t g = 0; g < G; ++g) {
     alignas(64) uint32_t qt[D / 2][16];
-    for (int p = 0; p < D / 2; ++p)
-      for (int i = 0; i < 16; ++i) {
-        uint32_t v = 0;
-        if (i < nrows) std::memcpy(&v, q + i * q_stride + g * D + 2 * p, 4);
-        qt[p][i] = v;
-      }
+    transpose_q_pairs(q, q_stride, nrows, g, D, &qt[0][0]);
     // S^T, 16 keys a tile: K rows straight from the cache block
     _tile_loadd(2, qt[0], 64);
     _tile_loadd(3, qt[16], 64);
@@ -501,7 +494,7 @@ VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t 
     __m512 mv = neg_inf;
     const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t t = 0; t < cmax; ++t) {
-      const __m512 sv = _mm512_mask_mov_ps(neg_inf, visible(t), _mm512_mul_ps(_mm512_loadu_ps(S + t * 16), sc));
+      const __m512 sv = _mm512_mask_mov_ps(neg_inf, visible_rows(t, c0), _mm512_mul_ps(_mm512_loadu_ps(S + t * 16), sc));
       _mm512_storeu_ps(S + t * 16, sv);
       mv = _mm512_max_ps(mv, sv);
     }
@@ -510,13 +503,12 @@ VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t 
     uint32_t* PA = ws.pa.data();
     for (int64_t pp = 0; pp < npairs; ++pp) {
       const int64_t t = 2 * pp;
-      const __m512 e0 = _mm512_maskz_mov_ps(visible(t), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
+      const __m512 e0 = _mm512_maskz_mov_ps(visible_rows(t, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
       const __m512 e1 = t + 1 < cmax
-          ? _mm512_maskz_mov_ps(visible(t + 1), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
+          ? _mm512_maskz_mov_ps(visible_rows(t + 1, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
           : _mm512_setzero_ps();
       sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-      const __m512i both = _mm512_permutexvar_epi16(ipair, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-      _mm512_i32scatter_epi32(PA + (pp / 16) * 256 + (pp % 16), row16, both, 4);
+      _mm512_i32scatter_epi32(PA + (pp / 16) * 256 + (pp % 16), row16, pair_rows(e0, e1), 4);
     }
     alignas(64) float sums[16];
     _mm512_store_ps(sums, sum);

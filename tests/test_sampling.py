@@ -3,6 +3,7 @@ min/max tokens, logprobs, penalties, and the errors bad arguments raise."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import assert_all_blocks_free, make_engine, run_to_completion
 from vidya import LLM, SamplingParams
@@ -140,3 +141,21 @@ def test_abort_frees_everything_at_any_time(tiny_models):
     done = run_to_completion(engine)
     assert set(done) == {ids[1], ids[3], ids[4]}
     assert_all_blocks_free(engine)
+
+
+def test_draws_follow_the_distribution_and_never_pick_masked_tokens():
+    """The sampler's draw (one uniform number per row, the row's CDF inverted): token
+    frequencies match softmax(logits / T) and top-k never lets a masked token through."""
+    from vidya.engine.request import Request
+    from vidya.engine.sampler import Sampler
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -20.0, 1.5])
+    sampler = Sampler(seed=11)
+    free = [Request(f"r{i}", [1], SamplingParams(temperature=0.7), None, 8) for i in range(64)]
+    top2 = [Request(f"k{i}", [1], SamplingParams(temperature=1.0, top_k=2), None, 8) for i in range(64)]
+    counts = torch.zeros(8)
+    for _ in range(150):
+        out = sampler(logits.repeat(128, 1), free + top2)
+        counts += torch.bincount(torch.tensor(out.token_ids[:64]), minlength=8)
+        assert set(out.token_ids[64:]) <= {0, 7}  # the two largest logits
+    want = torch.softmax(logits / 0.7, dim=-1)
+    assert (counts / counts.sum() - want).abs().max() < 0.02, (counts / counts.sum(), want)

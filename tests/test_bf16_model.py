@@ -87,3 +87,21 @@ def test_fused_greedy_pick_gives_the_logits_path_tokens(bf16_llama):
     with_logits = greedy_logprobs(make_engine(model_dir, dtype="bfloat16", block_size=16, attention_backend="cpu"),
                                   prompts, n=6)
     assert fused == [[t for t, _ in with_logits[i]] for i in range(len(prompts))]
+
+
+def test_packed_model_gives_its_checkpoint_back(bf16_llama):
+    """With the packed copies serving every batch, the plain projection weights are released
+    (on AMX CPUs); hf_state_dict rebuilds them exactly (the HF baseline in `vidya bench` uses it)."""
+    from vidya.models.llama import Linear
+    model_dir, hf = bf16_llama
+    model = make_engine(model_dir, dtype="bfloat16", block_size=16, attention_backend="cpu").runner.model
+    if cpu_kernels.amx_available():
+        released = [m for m in model.modules() if isinstance(m, Linear) and m.released]
+        tied = model.lm_head.weight is model.model.embed_tokens.weight  # then it keeps its weight
+        assert len(released) == 4 * len(model.model.layers) + (0 if tied else 1)
+        assert all(m.weight.untyped_storage().nbytes() <= 2 for m in released)
+    ours, want = model.hf_state_dict(), hf.state_dict()
+    for name, tensor in want.items():
+        if name in ours:
+            assert torch.equal(ours[name], tensor), name
+    assert {n for n in want if "proj" in n} <= set(ours)

@@ -14,6 +14,7 @@ from vidya.config import CacheConfig
 from vidya.engine.request import Request
 from vidya.engine.scheduler import ScheduledRequest, SchedulerOutput
 from vidya.models.llama import head_dim_of
+from vidya.platform import return_freed_memory
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
@@ -82,6 +83,7 @@ class ModelRunner:
             amx = cpu_kernels.amx_available()
             # with AMX, oneDNN only runs the big (prefill) batches: lay its weights out for those
             model.pack_linears(batch_hint=4096 if amx else 64, amx=amx)
+            return_freed_memory()
         self.block_size = cache.block_size
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)

@@ -29,6 +29,7 @@ class Linear(nn.Linear):
     AMX_MAX_ROWS = 64
     packed: torch.Tensor | None = None
     amx: torch.Tensor | None = None
+    released = False  # the plain weight's memory was given back (see release_weight)
 
     def pack(self, batch_hint: int, amx: bool, onednn: bool = True) -> None:
         w = self.weight.detach()
@@ -36,6 +37,20 @@ class Linear(nn.Linear):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
         if amx and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0:
             self.amx = torch.ops.vidya.amx_pack(w)
+
+    def release_weight(self) -> None:
+        """Once the packed copies serve every batch size, the plain weight is never read: keep
+        the parameter's shape (a stride-0 view of one element) and give its memory back, so the
+        weights are held twice, not three times. `plain_weight` rebuilds it from the AMX copy."""
+        assert self.amx is not None
+        self.weight.data = self.weight.data.new_zeros(()).expand(self.weight.shape)
+        self.released = True
+
+    def plain_weight(self) -> torch.Tensor:
+        if not self.released:
+            return self.weight
+        n16, k32 = self.amx.shape[:2]  # amx_pack's layout: [N/16][K/32][16 k-pairs][16 n][2]
+        return self.amx.view(n16, k32, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(n16 * 16, k32 * 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx is not None and x.shape[0] <= self.AMX_MAX_ROWS:
@@ -250,6 +265,14 @@ class LlamaForCausalLM(nn.Module):
                                                                         for lay in self.model.layers}
         if amx and eps == {self.model.norm.eps}:
             self.model.packed_stack = self.model.decode_stack()
+        # plain weights no forward reads any more (not the lm_head's when it is the embedding)
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        for m in mlps:
+            if m.gate_packed is not None and m.gate_up_proj.amx is not None:
+                m.gate_up_proj.release_weight()
+        for m in self.modules():
+            if isinstance(m, Linear) and m.packed is not None and m.amx is not None and not (tied and m is self.lm_head):
+                m.release_weight()
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""
@@ -272,4 +295,7 @@ class LlamaForCausalLM(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under the checkpoint's names (q/k/v, gate/up split again)."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        for name, m in self.named_modules():
+            if isinstance(m, Linear) and m.released:
+                params[f"{name}.weight"] = m.plain_weight()
         return {ck: params[name][start:start + n] for ck, (name, start, n) in self.checkpoint_slices().items()}

@@ -23,8 +23,8 @@ class Linear(nn.Linear):
     for oneDNN, which skips re-laying out the weight on every call (that dominates decode steps of
     a small model), and, on CPUs with AMX, for vidya's small-batch AMX kernel, which runs the
     batches of up to AMX_MAX_ROWS rows of a decode step (oneDNN reaches ~60% of memory bandwidth
-    there). The plain weight stays the parameter (loading, `hf_state_dict`); each packed copy
-    costs as much memory again."""
+    there). The plain weight is the parameter for loading; once the packed copies serve every
+    batch size it is released (`release_weight`) and `hf_state_dict` rebuilds it."""
 
     AMX_MAX_ROWS = 64
     packed: torch.Tensor | None = None

@@ -363,6 +363,17 @@ VIDYA_AVX512BF16 inline __m512i pair_rows(__m512 e0, __m512 e1) {
   return _mm512_permutexvar_epi16(_mm512_load_si512(pair_idx), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
 }
 
+// exp(S[t] - max) and exp(S[t+1] - max) per row (zero where masked or past cmax), added to sum
+// and returned as bf16 pairs: the P operand of P V
+VIDYA_AVX512BF16 inline __m512i exp_pair(const float* S, int64_t t, int64_t cmax, int64_t c0, __m512 mv, __m512& sum) {
+  const __m512 e0 = _mm512_maskz_mov_ps(visible_rows(t, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
+  const __m512 e1 = t + 1 < cmax
+      ? _mm512_maskz_mov_ps(visible_rows(t + 1, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
+      : _mm512_setzero_ps();
+  sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+  return pair_rows(e0, e1);
+}
+
 template <int NC>  // NC = D / 16
 VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, int64_t nrows, int64_t G,
                                        const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table,
@@ -406,15 +417,7 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
     }
     // pass 2: P = exp(S - max) in key pairs (bf16), row sums in fp32
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t pp = 0; pp < npairs; ++pp) {
-      const int64_t t = 2 * pp;
-      const __m512 e0 = _mm512_maskz_mov_ps(visible_rows(t, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
-      const __m512 e1 = t + 1 < cmax
-          ? _mm512_maskz_mov_ps(visible_rows(t + 1, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
-          : _mm512_setzero_ps();
-      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-      _mm512_storeu_si512(P + pp * 16, pair_rows(e0, e1));
-    }
+    for (int64_t pp = 0; pp < npairs; ++pp) _mm512_storeu_si512(P + pp * 16, exp_pair(S, 2 * pp, cmax, c0, mv, sum));
     alignas(64) float sums[16];
     _mm512_store_ps(sums, sum);
     // pass 3: O = P V, QG rows at a time
@@ -501,15 +504,8 @@ VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t 
     // P in key pairs, scattered into the A tiles: pa[chunk][row][pair in chunk]
     __m512 sum = _mm512_setzero_ps();
     uint32_t* PA = ws.pa.data();
-    for (int64_t pp = 0; pp < npairs; ++pp) {
-      const int64_t t = 2 * pp;
-      const __m512 e0 = _mm512_maskz_mov_ps(visible_rows(t, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + t * 16), mv)));
-      const __m512 e1 = t + 1 < cmax
-          ? _mm512_maskz_mov_ps(visible_rows(t + 1, c0), exp512(_mm512_sub_ps(_mm512_loadu_ps(S + (t + 1) * 16), mv)))
-          : _mm512_setzero_ps();
-      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-      _mm512_i32scatter_epi32(PA + (pp / 16) * 256 + (pp % 16), row16, pair_rows(e0, e1), 4);
-    }
+    for (int64_t pp = 0; pp < npairs; ++pp)
+      _mm512_i32scatter_epi32(PA + (pp / 16) * 256 + (pp % 16), row16, exp_pair(S, 2 * pp, cmax, c0, mv, sum), 4);
     alignas(64) float sums[16];
     _mm512_store_ps(sums, sum);
     // O = P V, 64 output dims (4 C tiles) at a time

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile package.json
 	npm install --no-audit --no-fund --loglevel=error
 	$(PY) -m vidya.tutor.vendor
 	# Build the C++ CPU kernels now (cached per machine) rather than on the first request.
-	$(PY) -m vidya.attention.cpu_kernels || echo "C++ kernels not built: the pure-torch attention will be used"
+	$(PY) -m vidya.kernels.cpu || echo "C++ kernels not built: the torch reference ops will be used"
 	touch $(STAMP)
 
 install: $(STAMP)

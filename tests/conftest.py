@@ -10,6 +10,27 @@ import pytest
 import torch
 
 ARCHS = ("llama", "mistral", "qwen2")
+# the ISA levels vidya's C++ kernels have paths for, lowest first (vidya/platform.py's names)
+KERNEL_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")
+
+
+def isa_at_least(isa: str, level: str) -> bool:
+    return KERNEL_ISAS.index(isa) >= KERNEL_ISAS.index(level)
+
+
+@pytest.fixture(params=KERNEL_ISAS)
+def isa(request):
+    """Each ISA level this CPU can run, bound in the kernels for the test (then the CPU's best
+    again); a level above this CPU skips, saying so."""
+    from vidya.kernels import cpu as kernels
+    if not kernels.available():
+        pytest.skip("vidya's C++ kernels did not build here (no compiler?)")
+    have = kernels.cpu_level()
+    if have not in KERNEL_ISAS or not isa_at_least(have, request.param):
+        pytest.skip(f"this CPU offers {have}, not {request.param}")
+    assert kernels.bind_isa(request.param) == request.param
+    yield request.param
+    kernels.bind_isa(have)
 
 
 def tiny_config(arch: str, vocab_size: int):

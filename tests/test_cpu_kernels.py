@@ -1,19 +1,24 @@
-"""The C++ paged-attention kernel against the pure-torch reference: decode rows and prefill
-chunks, scattered block tables, contexts that end mid-block, every group size and head size
-path (the AVX-512 BF16 one and the generic one), fp32 and bf16."""
+"""The C++ kernels against the pure-torch reference, at every ISA level this CPU can run (the
+`isa` fixture binds each in turn; levels above this CPU skip with the reason): paged attention
+(decode rows and prefill chunks, scattered block tables, contexts that end mid-block, every
+group size and head size, fp32, bf16, and fp32 rows over a bf16 cache), the prefill tiles, the
+fused layer ops, argmax, the 16-bit-weight matmul and the AMX matmuls."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vidya.attention import cpu_kernels
+from conftest import isa_at_least
 from vidya.attention.paged import decode_attention, prefill_attention
+from vidya.kernels import cpu as kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler here")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
+amx_only = pytest.mark.skipif(not (kernels.available() and kernels.cpu_level() == "amx"),
+                              reason="no AMX on this CPU (or the OS did not grant it)")
 
 
-def case(heads: int, kv_heads: int, head_dim: int, dtype, seed: int, block_size: int = 16):
+def case(heads: int, kv_heads: int, head_dim: int, dtype, seed: int, block_size: int = 16, q_dtype=None):
     g = torch.Generator().manual_seed(seed)
     num_blocks = 64
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
@@ -21,17 +26,19 @@ def case(heads: int, kv_heads: int, head_dim: int, dtype, seed: int, block_size:
     return g, k_cache, v_cache
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,q_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+                                               (torch.bfloat16, torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 8, 64), (32, 8, 128), (16, 2, 64),
                                                      (4, 2, 32), (12, 1, 80)])
-def test_kernel_matches_reference(dtype, tol, heads, kv_heads, head_dim):
+def test_kernel_matches_reference(isa, dtype, q_dtype, tol, heads, kv_heads, head_dim):
+    """dtype is the cache's; q_dtype the rows' (fp32 rows over a bf16 cache: CPUs without bf16 math)."""
     g, k_cache, v_cache = case(heads, kv_heads, head_dim, dtype, seed=heads * 100 + head_dim)
     scale = head_dim ** -0.5
     # three decodes (contexts 1, 17 and 70) and one prefill chunk of 9 queries ending at 41
     decode_lens = [1, 17, 70]
     tables = [torch.randperm(64, generator=g)[:5] for _ in range(4)]
-    q_dec = torch.randn(3, heads, head_dim, generator=g).to(dtype)
-    q_pre = torch.randn(9, heads, head_dim, generator=g).to(dtype)
+    q_dec = torch.randn(3, heads, head_dim, generator=g).to(dtype).to(q_dtype)
+    q_pre = torch.randn(9, heads, head_dim, generator=g).to(dtype).to(q_dtype)
     ref_dec = decode_attention(q_dec, k_cache, v_cache, torch.stack(tables[:3]), torch.tensor(decode_lens),
                                max(decode_lens), scale)
     ref_pre = prefill_attention(q_pre, k_cache, v_cache, tables[3], 41, scale)
@@ -39,15 +46,20 @@ def test_kernel_matches_reference(dtype, tol, heads, kv_heads, head_dim):
     row_seq = torch.tensor([0, 1, 2] + [3] * 9)
     row_ctx = torch.tensor(decode_lens + list(range(33, 42)))
     out = torch.ops.vidya.paged_attention(q, k_cache, v_cache, torch.stack(tables), row_seq, row_ctx, scale)
+    assert out.dtype == q_dtype
     torch.testing.assert_close(out[:3].float(), ref_dec.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(out[3:].float(), ref_pre.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
 @pytest.mark.parametrize("chunks", [[(0, 37)], [(0, 16), (5, 3), (20, 50)], [(30, 17), (0, 1), (64, 33)]])
-def test_prefill_tiles_match_reference(heads, kv_heads, head_dim, chunks):
+def test_prefill_tiles_match_reference(isa, heads, kv_heads, head_dim, chunks):
     """Chunks of consecutive rows (tiles of 16 and their remainders, odd and even context ends,
-    chunks that start after cached tokens, a 1-row and a 3-row chunk that go row by row)."""
+    chunks that start after cached tokens, a 1-row and a 3-row chunk that go row by row): the
+    AVX-512 BF16 tiles, and the AMX ones at that level."""
+    if not isa_at_least(isa, "avx512_bf16"):
+        pytest.skip(f"prefill tiles run on AVX-512 BF16 and AMX; at {isa} bf16 rows go one by one "
+                    f"(test_kernel_matches_reference covers that path)")
     dtype = torch.bfloat16
     g, k_cache, v_cache = case(heads, kv_heads, head_dim, dtype, seed=len(chunks) * 7 + head_dim)
     scale = head_dim ** -0.5
@@ -72,17 +84,17 @@ def test_kernel_rejects_bad_input():
                                         torch.ones(1, dtype=torch.long), 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_layer_ops_match_the_torch_ops_they_replace(dtype):
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+def test_fused_layer_ops_match_the_torch_ops_they_replace(isa, dtype, cache_dtype):
     import torch.nn.functional as F
 
-    from vidya.models.llama import RMSNorm
     from vidya.models.rope import apply_rotary
+    from vidya.ops.torch_ops import rms_norm
     g = torch.Generator().manual_seed(7)
     rows, hidden, inter, heads, kv_heads, d = 37, 576, 1536, 9, 3, 64
     x, res, w = (torch.randn(*shape, generator=g).to(dtype) for shape in ((rows, hidden), (rows, hidden), (hidden,)))
-    norm = RMSNorm(hidden, 1e-5).to(dtype)
-    norm.weight.data = w
+    norm = lambda h: rms_norm(h, w, 1e-5)
     x2, res2 = x.clone(), res.clone()
     torch.ops.vidya.add_rms_norm_(x2, res2, w, 1e-5)
     assert torch.equal(res2, res + x)  # the residual sum is exact
@@ -99,15 +111,16 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(dtype):
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     ref_q, ref_k = apply_rotary(q.reshape(rows, heads, d), k.reshape(rows, kv_heads, d), cos[:, None], sin[:, None])
     out = qkv.clone()
-    k_cache = torch.zeros(8, 16, kv_heads, d, dtype=dtype)
+    k_cache = torch.zeros(8, 16, kv_heads, d, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(8 * 16, generator=g)[:rows]
     torch.ops.vidya.rotary_cache_(out, cos, sin, heads, kv_heads, d, k_cache, v_cache, slots)
     assert torch.equal(out[:, :heads * d].view(rows, heads, d), ref_q)
     assert torch.equal(out[:, heads * d:(heads + kv_heads) * d].view(rows, kv_heads, d), ref_k)
     assert torch.equal(out[:, (heads + kv_heads) * d:], v)  # v untouched
-    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots], ref_k)
-    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], v.reshape(rows, kv_heads, d))
+    # written in the cache's dtype, rounded as tensor.to() rounds
+    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots], ref_k.to(cache_dtype))
+    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], v.reshape(rows, kv_heads, d).to(cache_dtype))
     untouched = torch.ones(8 * 16, dtype=torch.bool)
     untouched[slots] = False
     assert not k_cache.view(-1, kv_heads, d)[untouched].any() and not v_cache.view(-1, kv_heads, d)[untouched].any()
@@ -117,7 +130,7 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_argmax_rows_is_torch_max_indices(dtype):
+def test_argmax_rows_is_torch_max_indices(isa, dtype):
     """First maximum of each row, ties included (greedy sampling must match argmax exactly)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 49152 + 7, generator=g).to(dtype)
@@ -130,7 +143,33 @@ def test_argmax_rows_is_torch_max_indices(dtype):
     assert torch.equal(torch.ops.vidya.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
 
 
-@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 64, 127, 128, 300])
+@pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
+                                                           (40, 24, True)])
+def test_linear_w16_is_fp32_linear_over_the_widened_weight(rows, out_features, in_features, bias):
+    """fp32 rows times bf16 weights (CPUs without bf16 math), on each of its three paths (few
+    rows, L2 panels, prefill chunks): F.linear over the widened weight, up to summation order."""
+    g = torch.Generator().manual_seed(rows * 7 + out_features)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    y = torch.ops.vidya.linear_w16(x, w, b)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w.float(), b), atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():  # the engine's mode, on every worker thread too
+        torch.testing.assert_close(torch.ops.vidya.linear_w16(x, w, b), y, atol=0, rtol=0)
+    wide = torch.cat([x, x], dim=1)[:, :in_features]  # strided rows
+    torch.testing.assert_close(torch.ops.vidya.linear_w16(wide, w, b), y, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_w16_rejects_what_it_cannot_run():
+    with pytest.raises(RuntimeError, match="bf16"):
+        torch.ops.vidya.linear_w16(torch.randn(2, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.vidya.linear_w16(torch.randn(2, 8).to(torch.bfloat16), torch.randn(4, 8).to(torch.bfloat16), None)
+
+
+@amx_only
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64])
 @pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
                                                            (48, 64, True)])
@@ -149,7 +188,7 @@ def test_amx_linear_matches_linear(rows, out_features, in_features, bias):
     assert torch.equal(torch.ops.vidya.amx_linear(wide, torch.ops.vidya.amx_pack(w), b), y)
 
 
-@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@amx_only
 def test_amx_linear_rejects_what_it_cannot_run():
     w = torch.randn(32, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="N % 16 == 0"):
@@ -158,7 +197,7 @@ def test_amx_linear_rejects_what_it_cannot_run():
         torch.ops.vidya.amx_linear(torch.randn(65, 64).to(torch.bfloat16), torch.ops.vidya.amx_pack(w), None)
 
 
-@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@amx_only
 @pytest.mark.parametrize("rows", [1, 16, 17, 40, 64])
 def test_amx_linear_silu_is_silu_and_mul_of_amx_linear(rows):
     """The decode MLP's gate_up with SiLU * up in its epilogue: bit-identical to the two ops."""
@@ -170,7 +209,7 @@ def test_amx_linear_silu_is_silu_and_mul_of_amx_linear(rows):
     assert torch.equal(torch.ops.vidya.amx_linear_silu(x, packed), want)
 
 
-@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU")
+@amx_only
 @pytest.mark.parametrize("rows", [1, 16, 33, 64])
 def test_amx_linear_argmax_is_argmax_of_the_bf16_logits(rows):
     """lm_head + greedy pick in one pass: the ids argmax_rows gives on the bf16 logits, ties

@@ -57,7 +57,7 @@ BACKENDS = ("cpu", "torch")  # the C++ kernels, and the pure-torch reference the
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plain_batch(arch, backend, tiny_models, references):
-    engine = make_engine(tiny_models[arch][0], attention_backend=backend)
+    engine = make_engine(tiny_models[arch][0], backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -67,7 +67,7 @@ def test_plain_batch(arch, backend, tiny_models, references):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
-    engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7, attention_backend=backend)
+    engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7, backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -79,7 +79,7 @@ def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
 def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references):
     # 20 blocks of 4 = 80 slots; the longest request needs 57 + 12 = 69.
     engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16,
-                         attention_backend=backend)
+                         backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"

@@ -42,11 +42,22 @@ def test_default_model_streams_hindi_without_broken_characters(default_llm):
     assert any("\u0900" <= ch <= "\u097f" for ch in final.text)
 
 
-def test_default_model_is_bf16_where_the_cpu_has_it(default_llm):
+def test_default_model_holds_16_bits_on_every_cpu_class(default_llm):
+    """bf16 throughout where the CPU has bf16 math; elsewhere fp32 math over bf16 weights and KV
+    cache (the C++ kernels widen them in registers); fp32 only on the torch reference ops."""
     import torch
-    from vidya.platform import cpu_supports_bf16
-    want = torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    assert default_llm.engine.dtype == want
+    from vidya.platform import cpu_isa
+    p = default_llm.engine.platform
+    assert p.isa == cpu_isa() or "AMX" in p.note
+    if p.isa in ("amx", "avx512_bf16"):
+        assert (p.dtype, p.weight_dtype, p.kv_dtype) == (torch.bfloat16,) * 3
+    elif p.isa in ("avx512", "avx2") and p.backend == "cpu":
+        assert (p.dtype, p.weight_dtype, p.kv_dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+        model = default_llm.engine.runner.model
+        assert model.lm_head.w16.dtype == torch.bfloat16 and model.lm_head.released
+    else:
+        assert p.backend == "torch" and p.dtype == torch.float32
+    assert default_llm.engine.runner.kv_caches[0][0].dtype == p.kv_dtype
 
 
 def expect_error(match: str, model: str, **kw):

@@ -121,7 +121,15 @@ def test_models_version_tokenizer(client, server):
     assert [m.id for m in models] == ["smollm2"]
     assert models[0].model_extra["max_model_len"] == 2048
     assert client.models.retrieve("smollm2").id == "smollm2"
-    assert httpx.get(server.url + "/version").json()["version"]
+    version = httpx.get(server.url + "/version").json()
+    assert version["version"]
+    # what this machine runs, decided once at start-up, as the start-up line says it
+    from vidya.platform import ISAS
+    backend = version["backend"]
+    assert backend["device"] == "cpu" and backend["isa"] in ISAS and backend["backend"] in ("cpu", "torch")
+    assert backend["kv_cache_dtype"] in ("bfloat16", "float32")
+    startup = next(line for line in server.log().splitlines() if line.startswith("vidya: serving"))
+    assert f"cpu {backend['isa']}," in startup and f"{backend['kv_cache_dtype']} KV cache" in startup
     tok = httpx.post(server.url + "/tokenize", json={"prompt": "नमस्ते दुनिया"}).json()
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 2048
     back = httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()

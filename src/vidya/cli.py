@@ -20,6 +20,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights and KV cache (GPU only)")
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "torch", "cpu", "amx", "avx512_bf16", "avx512", "avx2"],
+                   help="which ops run the model: auto (the best this machine has; or VIDYA_BACKEND), "
+                        "torch (the reference ops), cpu (vidya's C++ kernels at this CPU's best ISA), "
+                        "or an ISA level at or below this CPU's")
 
 
 def engine_args(args, show_progress: bool = True):
@@ -29,7 +34,7 @@ def engine_args(args, show_progress: bool = True):
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                      show_progress=show_progress)
+                      backend=args.backend, show_progress=show_progress)
 
 
 def origins(value: str) -> list[str]:
@@ -121,7 +126,7 @@ def run_chat(args) -> int:
         return terminal.run(args.base_url, args.api_key or os.environ.get("VIDYA_API_KEY"), args.subject,
                             args.klass, args.system, args.max_tokens, args.temperature)
     from vidya import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+    llm = LLM(args.model, dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len, block_size=args.block_size,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)
     engine = llm.engine
     messages = [{"role": "system", "content": args.system}]

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "cpu", "torch")  # cpu: the C++ kernels; torch: the pure-torch reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +57,14 @@ class EngineArgs:
     seed: int = 0
     num_threads: int | None = None
     show_progress: bool = True
-    attention_backend: str = "auto"
+    backend: str = "auto"  # vidya.platform.BACKENDS; "auto" reads VIDYA_BACKEND, else the best here
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                             f"got {self.attention_backend!r}")
+        from vidya.platform import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -1,9 +1,77 @@
-"""Device and dtype choice: bf16 where the hardware has it, else fp32; giving freed host memory back."""
+"""The one place that decides what this machine runs: the device, the CPU's instruction set, the
+ops backend and the dtypes of activations, weights and KV cache. Decided once at start-up from
+what the machine has (and `--backend` / `VIDYA_BACKEND`, read here and nowhere else); the result
+is printed in `vidya serve`'s start-up line, `GET /version` and every `vidya bench` result.
+
+    ISA            ops backend        activations  weights  KV cache
+    amx            C++ (AMX+oneDNN)   bf16         bf16     bf16
+    avx512_bf16    C++ (oneDNN)       bf16         bf16     bf16
+    avx512, avx2   C++ (16-bit store) fp32         bf16     bf16    bf16 -> fp32 is a shift, in registers
+    generic        torch reference    fp32         fp32     fp32    (no AVX2, or not x86)
+    cuda           torch              bf16/fp16
+"""
 from __future__ import annotations
+
+import os
+import platform as _host
+from dataclasses import dataclass
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")  # best first
+BACKENDS = ("auto", "torch", "cpu") + ISAS[:-1]  # cpu: the best C++ ISA here; an ISA name: that one
+ENV_VAR = "VIDYA_BACKEND"
+# /proc/cpuinfo flags each ISA level needs
+_NEEDS = {
+    "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512_bf16": {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    device: torch.device
+    backend: str  # "cpu" (vidya's C++ kernels), "torch" (the reference ops) or "cuda"
+    isa: str  # one of ISAS, or "cuda"
+    dtype: torch.dtype  # activations
+    weight_dtype: torch.dtype  # projection weights and embeddings as stored
+    kv_dtype: torch.dtype
+    note: str = ""  # why a faster path is not used, when one is not
+
+    def describe(self) -> str:
+        name = lambda t: str(t).removeprefix("torch.")
+        kernels = {"cpu": "C++ kernels", "torch": "torch reference ops", "cuda": "torch on CUDA"}[self.backend]
+        s = (f"{self.device.type} {self.isa}, {kernels}: {name(self.dtype)} math, "
+             f"{name(self.weight_dtype)} weights, {name(self.kv_dtype)} KV cache")
+        return s + (f" ({self.note})" if self.note else "")
+
+    def as_dict(self) -> dict:
+        name = lambda t: str(t).removeprefix("torch.")
+        return {"device": self.device.type, "backend": self.backend, "isa": self.isa, "dtype": name(self.dtype),
+                "weight_dtype": name(self.weight_dtype), "kv_cache_dtype": name(self.kv_dtype)}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The best ISA level this CPU has by its flags (AMX also needs the OS's permission, which the
+    kernels check when they load)."""
+    if _host.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    flags = cpu_flags() if flags is None else flags
+    return next((isa for isa in ISAS[:-1] if _NEEDS[isa] <= flags), "generic")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -18,19 +86,57 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
+def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Platform:
+    """Everything the engine needs to know about this machine, decided once."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = ENV_VAR
+    else:
+        source = "--backend"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return Platform(dev, "cuda", "cuda", dt, dt, dt)
+    return _cpu_platform(dev, dtype, backend, source)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def _cpu_platform(dev: torch.device, dtype: str, backend: str, source: str) -> Platform:
+    have = cpu_isa()
+    isa, note = have, ""
+    if backend in ISAS:
+        if ISAS.index(backend) < ISAS.index(have):
+            raise ValueError(f"{source} {backend}: this CPU has only {have}; use auto or one of "
+                             f"{', '.join(ISAS[ISAS.index(have):-1])}")
+        isa = backend
+    use_kernels = backend != "torch" and isa != "generic"
+    if backend != "torch" and isa == "generic":
+        note = "no AVX2 here (or not x86): vidya's C++ kernels need it; the torch reference ops serve"
+    if use_kernels:
+        from vidya.kernels import cpu as kernels  # builds them on first use
+        if not kernels.available():
+            if backend != "auto":
+                raise ValueError(f"{source} {backend} needs vidya's C++ kernels, which failed to build "
+                                 f"(is a C++ compiler installed?); use auto or torch")
+            use_kernels, note = False, "vidya's C++ kernels did not build: the torch reference ops serve"
+    if use_kernels:
+        bound = kernels.bind_isa(isa)  # at most what the kernels find here (AMX needs the OS's grant)
+        if bound != isa:
+            isa, note = bound, f"{isa} is not usable here (the OS did not grant AMX tile state)"
+    kind = "cpu" if use_kernels else "torch"
+    bf16_math = isa in ("amx", "avx512_bf16")
     if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        dt = _DTYPES[dtype]
+        return Platform(dev, kind, isa, dt, dt, dt, note)
+    if not use_kernels or bf16_math:  # bf16 where the CPU has bf16 math, else fp32
+        dt = torch.bfloat16 if bf16_math else torch.float32
+        return Platform(dev, kind, isa, dt, dt, dt, note)
+    # no bf16 math: compute in fp32, hold weights and KV cache in 16 bits (half the memory and
+    # the memory traffic; widened to fp32 in registers)
+    return Platform(dev, kind, isa, torch.float32, torch.bfloat16, torch.bfloat16, note)
 
 
 def return_freed_memory() -> None:

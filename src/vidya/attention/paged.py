@@ -34,8 +34,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _, bs, kvh, _ = k_cache.shape
     nblocks = -(-max_seq_len // bs)
     flat = block_tables[:, :nblocks].reshape(-1)
-    k = k_cache.index_select(0, flat).view(b, nblocks * bs, kvh, d)[:, :max_seq_len]
-    v = v_cache.index_select(0, flat).view(b, nblocks * bs, kvh, d)[:, :max_seq_len]
+    # (a 16-bit cache under fp32 math is widened to q's dtype here)
+    k = k_cache.index_select(0, flat).view(b, nblocks * bs, kvh, d)[:, :max_seq_len].to(q.dtype)
+    v = v_cache.index_select(0, flat).view(b, nblocks * bs, kvh, d)[:, :max_seq_len].to(q.dtype)
     qg = q.view(b, kvh, h // kvh, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * scale  # [B, kvh, g, L]
     pad = torch.arange(max_seq_len, device=q.device)[None, :] >= seq_lens[:, None]
@@ -48,8 +49,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
     """q: [Q, H, d], the last Q positions of a sequence of seq_len tokens -> [Q, H, d]."""
     qlen = q.shape[0]
-    k = gather_kv(k_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
-    v = gather_kv(v_cache, block_table, seq_len).transpose(0, 1).unsqueeze(0)
+    k = gather_kv(k_cache, block_table, seq_len).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
+    v = gather_kv(v_cache, block_table, seq_len).to(q.dtype).transpose(0, 1).unsqueeze(0)
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, d]
     if qlen == seq_len:
         out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -62,28 +63,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache, then
-    attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache (in its
+    dtype), then attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
+    write_kv(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                    meta.decode_seq_lens, meta.decode_max_seq_len, scale)
-    for start, qlen, seq_len, table in meta.prefills:
-        out[start:start + qlen] = prefill_attention(q[start:start + qlen], k_cache, v_cache, table,
-                                                    seq_len, scale)
+        lens = meta.seq_lens[:nd]
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens, int(lens.max()), scale)
+    starts = meta.query_starts
+    for i in range(nd, len(starts) - 1):
+        a, b = starts[i], starts[i + 1]
+        out[a:b] = prefill_attention(q[a:b], k_cache, v_cache, meta.block_tables[i], int(meta.seq_lens[i]), scale)
     return out
-
-
-def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                         num_kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The C++ path for a fused qkv buffer [T, (H + 2 kvh) d]: RoPE on q and k in place and K/V
-    written to the cache in one op, then attention reading q straight from the buffer. Same
-    result as `apply_rotary` + `paged_attention` (tests/test_cpu_kernels.py). Returns [T, H, d]."""
-    torch.ops.vidya.rotary_cache_(qkv, cos, sin, num_heads, num_kv_heads, head_dim, k_cache, v_cache,
-                                  meta.slot_mapping)
-    q = qkv[:, :num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
-    r = meta.rows
-    return torch.ops.vidya.paged_attention(q, k_cache, v_cache, r.block_tables, r.row_seq, r.row_ctx, scale)

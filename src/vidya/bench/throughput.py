@@ -68,7 +68,7 @@ def main(args) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               enable_prefix_caching=not args.no_prefix_caching, kv_cache_memory=args.kv_cache_memory,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, backend=args.backend)
     tok = llm.get_tokenizer()
     prompts = [tok(llm.engine.apply_chat_template(c), add_special_tokens=False).input_ids
                for c in workload.conversations]
@@ -80,12 +80,14 @@ def main(args) -> int:
     report = {
         "workload": workload.name, "prompt_tokens": sum(map(len, prompts)), "model": args.model,
         "dtype": str(llm.engine.dtype).removeprefix("torch."), "device": str(llm.engine.device),
+        "platform": llm.engine.platform.as_dict(), "backend": llm.engine.platform.describe(),
         "threads": torch.get_num_threads(), "machine": f"{platform.processor() or platform.machine()}",
         "vidya": __version__, "commit": _commit(), "torch": torch.__version__, "rows": rows,
     }
     print(f"\nworkload {workload.name}: {len(prompts)} requests, {report['prompt_tokens']} prompt tokens, "
           f"{workload.max_tokens} output tokens each; {args.model} {report['dtype']} on {report['device']}, "
-          f"{report['threads']} threads, torch {torch.__version__}, commit {report['commit']}")
+          f"{report['threads']} threads, torch {torch.__version__}, commit {report['commit']}\n"
+          f"backend: {report['backend']}")
     print(f"{'system':<50} {'reqs':>5} {'out tok/s':>10} {'req/s':>7} {'seconds':>8} {'KV waste':>9}")
     for r in rows:
         waste = f"{100 * r['kv_waste']:.2f}%" if "kv_waste" in r else "-"

@@ -19,7 +19,8 @@ from vidya.engine.scheduler import Scheduler
 from vidya.engine.stats import EngineStats
 from vidya.models import loader
 from vidya.outputs import RequestOutput
-from vidya.platform import resolve_device, resolve_dtype
+from vidya.ops import make_ops
+from vidya.platform import resolve_platform
 from vidya.sampling_params import SamplingParams
 
 
@@ -29,25 +30,25 @@ class LLMEngine:
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.platform = resolve_platform(args.device, args.dtype, args.backend)
+        self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
         self.model_config = loader.load_config(src)
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
         self.max_model_len = self._max_model_len(args.max_model_len)
-        self._log(f"loading {args.model} ({'GGUF' if src.is_gguf else 'safetensors'}) as "
-                  f"{str(self.dtype).removeprefix('torch.')} on {self.device}")
+        self._log(f"backend: {self.platform.describe()}")
+        self._log(f"loading {args.model} ({'GGUF' if src.is_gguf else 'safetensors'})")
         model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
                                   progress=args.show_progress)
         cache = args.cache_config()
         sched_config = args.scheduler_config(self.max_model_len)
         max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
-        num_blocks = num_kv_blocks(cache, self.model_config, self.dtype, self.device, max_useful)
-        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.dtype, self.device,
-                                  args.attention_backend)
+        num_blocks = num_kv_blocks(cache, self.model_config, self.platform.kv_dtype, self.device, max_useful)
+        self.ops = make_ops(self.platform)
+        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.platform, self.ops)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_config, self.kv)
-        self.sampler = Sampler(args.seed)
+        self.sampler = Sampler(args.seed, self.ops.first_max)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.states: dict[str, RequestState] = {}
         self.sample_of: dict[str, tuple[RequestState, SampleState]] = {}

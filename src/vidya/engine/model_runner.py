@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidya.attention import AttentionMetadata, cpu_kernels
-from vidya.attention.metadata import RowIndex
+from vidya.attention import AttentionMetadata
 from vidya.config import CacheConfig
 from vidya.engine.request import Request
 from vidya.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -74,19 +73,18 @@ class ModelInput:
 
 
 class ModelRunner:
-    def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device, attention_backend: str = "auto") -> None:
+    """Runs the model with the ops backend chosen at start-up (`ops`, from vidya/platform.py)."""
+
+    def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int, platform, ops) -> None:
         self.model = model
-        self.device = device
-        self.use_kernel = self._use_kernel(attention_backend, device)
-        if self.use_kernel and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            amx = cpu_kernels.amx_available()
-            # with AMX, oneDNN only runs the big (prefill) batches: lay its weights out for those
-            model.pack_linears(batch_hint=4096 if amx else 64, amx=amx)
-            return_freed_memory()
+        self.device = platform.device
+        self.ops = ops
+        ops.prepare(model)
+        return_freed_memory()
         self.block_size = cache.block_size
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)
+        dtype, device = platform.kv_dtype, platform.device
         self._kv_memory = None
         if device.type == "cpu":
             flat, self._kv_memory = cpu_zeros_huge_pages(2 * model_config.num_hidden_layers * math.prod(shape), dtype)
@@ -97,93 +95,60 @@ class ModelRunner:
                                torch.zeros(shape, dtype=dtype, device=device))
                               for _ in range(model_config.num_hidden_layers)]
 
-    @staticmethod
-    def _use_kernel(backend: str, device: torch.device) -> bool:
-        if backend == "torch" or device.type != "cpu":
-            return False
-        ok = cpu_kernels.available()
-        if backend == "cpu" and not ok:
-            raise ValueError("attention_backend 'cpu' needs the C++ kernels, which failed to build "
-                             "(is a C++ compiler installed?); use 'auto' or 'torch'")
-        return ok
-
-    def _row_index(self, scheduled: list[ScheduledRequest]) -> RowIndex:
-        """Per query row: its sequence's block-table row and its context length (position + 1)."""
-        row_seq: list[int] = []
-        row_ctx: list[int] = []
-        for i, s in enumerate(scheduled):
-            start = s.request.num_computed_tokens
-            row_seq.extend([i] * s.num_new_tokens)
-            row_ctx.extend(range(start + 1, start + s.num_new_tokens + 1))
-        width = max(len(s.block_ids) for s in scheduled)
-        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled]
-        dev = self.device
-        return RowIndex(torch.tensor(tables, dtype=torch.long, device=dev),
-                        torch.tensor(row_seq, dtype=torch.long, device=dev),
-                        torch.tensor(row_ctx, dtype=torch.long, device=dev))
-
     def prepare(self, out: SchedulerOutput) -> ModelInput:
+        """The step's flat batch and its one attention-metadata layout (decodes first)."""
         bs = self.block_size
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1 and s.samples]
-        prefills = [s for s in out.scheduled if not (s.num_new_tokens == 1 and s.samples)]
+        is_decode = lambda s: s.num_new_tokens == 1 and s.samples
+        order = [s for s in out.scheduled if is_decode(s)] + [s for s in out.scheduled if not is_decode(s)]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        row_seq: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Request] = []
-        prefill_meta = []
-
-        def add(s: ScheduledRequest) -> None:
+        starts = [0]
+        seq_lens: list[int] = []
+        for i, s in enumerate(order):
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
             ids.extend(r.all_token_ids[start:end])
             positions.extend(range(start, end))
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            row_seq.extend([i] * s.num_new_tokens)
+            starts.append(len(ids))
+            seq_lens.append(end)
             if s.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(r)
-
-        for s in decodes:
-            add(s)
-        for s in prefills:
-            q_start = len(ids)
-            add(s)
-            seq_len = s.request.num_computed_tokens + s.num_new_tokens
-            prefill_meta.append((q_start, s.num_new_tokens, seq_len,
-                                 torch.tensor(s.block_ids, dtype=torch.long, device=self.device)))
+        width = max((len(s.block_ids) for s in order), default=1)
         dev = self.device
-        if decodes:
-            width = max(len(s.block_ids) for s in decodes)
-            tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes],
-                                  dtype=torch.long, device=dev)
-            lens = [s.request.num_computed_tokens + 1 for s in decodes]
-        else:
-            tables, lens = torch.zeros((0, 1), dtype=torch.long, device=dev), []
+        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(decodes),
-            decode_block_tables=tables,
-            decode_seq_lens=torch.tensor(lens, dtype=torch.long, device=dev),
-            decode_max_seq_len=max(lens, default=0),
-            prefills=prefill_meta,
+            slot_mapping=tensor(slots),
+            block_tables=tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in order]).view(len(order), width),
+            row_seq=tensor(row_seq),
+            row_ctx=tensor([p + 1 for p in positions]),
+            seq_lens=tensor(seq_lens),
+            query_starts=starts,
+            num_decodes=sum(1 for s in order if is_decode(s)),
+            max_seq_len=max(seq_lens, default=0),
             block_size=bs,
-            rows=self._row_index(decodes + prefills) if self.use_kernel else None,
         )
-        return ModelInput(torch.tensor(ids, dtype=torch.long, device=dev),
-                          torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                          torch.tensor(logits_rows, dtype=torch.long, device=dev), sampling)
+        return ModelInput(tensor(ids), tensor(positions), meta, tensor(logits_rows), sampling)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, argmax_only=None) -> tuple[torch.Tensor, list[Request], bool]:
         """Runs the step; returns (logits of the rows that sample, their requests, False), or,
-        when `argmax_only(requests)` says every one of them just takes the argmax and the model
+        when `argmax_only(requests)` says every one of them just takes the argmax and the backend
         can fuse it into the lm_head, (their token ids, requests, True)."""
         inp = self.prepare(out)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, fused=self.use_kernel)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.ops)
         if not inp.sampling_requests:
             return hidden.new_empty((0, 0)), [], False
         rows = hidden[inp.logits_indices]
-        if argmax_only is not None and self.model.can_argmax(rows) and argmax_only(inp.sampling_requests):
-            return self.model.compute_argmax(rows), inp.sampling_requests, True
-        return self.model.compute_logits(rows), inp.sampling_requests, False
+        if argmax_only is not None and argmax_only(inp.sampling_requests):
+            ids = self.ops.argmax(self.model.lm_head, rows)
+            if ids is not None:
+                return ids, inp.sampling_requests, True
+        return self.ops.logits(self.model.lm_head, rows), inp.sampling_requests, False

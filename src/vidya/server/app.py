@@ -157,7 +157,9 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        return {"version": __version__}
+        """vidya's version and what this machine runs (null while the model loads)."""
+        engine = state.llm.engine if state.llm is not None else None
+        return {"version": __version__, "backend": engine.platform.as_dict() if engine else None}
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "vidya",

@@ -60,7 +60,8 @@ def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, 
         llm = AsyncLLM(args)
         state.llm = llm
         state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default)
-        print(f"vidya: serving {', '.join(settings.served_model_names)}", file=sys.stderr, flush=True)
+        print(f"vidya: serving {', '.join(settings.served_model_names)} on {llm.engine.platform.describe()}",
+              file=sys.stderr, flush=True)
     except BaseException as e:  # noqa: BLE001 - reported, then the process exits non-zero
         state.load_error = f"{type(e).__name__}: {e}"
         print(f"vidya: error: the model failed to load: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,88 @@
+// What every kernel file shares: headers, dtype helpers, and the ISA level the kernels may use.
+//
+// The level is bound once at start-up (`vidya::bind_isa`, called by vidya/platform.py, which
+// alone decides what this machine runs); until then it is the best this CPU offers. Kernels ask
+// `isa_at_least(...)`, never the CPU directly, so an override (e.g. VIDYA_BACKEND=avx2 on an AMX
+// machine) runs exactly the paths that CPU class would.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define VIDYA_X86 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define VIDYA_X86 0
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+#include <omp.h>
+
+namespace vidya {
+
+// ISA levels, in the order of vidya/platform.py's ISAS (best last here)
+enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+
+// The best level this CPU (and, for AMX, the OS) offers.
+inline int64_t cpu_isa() {
+  static const int64_t level = [] {
+#if VIDYA_X86
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return int64_t(kGeneric);
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+      return int64_t(kAvx2);
+    if (!__builtin_cpu_supports("avx512bf16")) return int64_t(kAvx512);
+    if (!(__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile"))) return int64_t(kAvx512Bf16);
+    // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    return int64_t(syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? kAmx : kAvx512Bf16);
+#else
+    return int64_t(kGeneric);
+#endif
+  }();
+  return level;
+}
+
+inline std::atomic<int64_t>& bound_isa() {
+  static std::atomic<int64_t> level{cpu_isa()};
+  return level;
+}
+
+inline bool isa_at_least(Isa level) { return bound_isa().load(std::memory_order_relaxed) >= level; }
+inline bool has_avx512bf16() { return isa_at_least(kAvx512Bf16); }
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+template <>
+inline float to_f<at::BFloat16>(at::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+// Round through T (what storing an intermediate in T does), so fused ops match unfused torch.
+template <typename T>
+inline float round_as(float x) { return to_f<T>(from_f<T>(x)); }
+
+constexpr int kMaxGroup = 32;
+constexpr int kMaxDim = 256;
+// consecutive rows of one sequence below this count run row by row, not as a tile
+constexpr int64_t kMinTileRows = 4;
+
+}  // namespace vidya

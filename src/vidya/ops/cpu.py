@@ -1,0 +1,199 @@
+"""vidya's C++ CPU kernels as the ops backend (see vidya/ops/__init__.py), one class per way of
+holding the weights; which one runs is decided once, by `cpu_ops(platform)`:
+
+    CpuOps       weights in the activation dtype, torch's matmul; C++ norms, RoPE + cache
+                 write, paged attention, SiLU*up, argmax (any ISA the kernels support)
+    Wide16Ops    fp32 math over bf16 weights and KV cache (AVX2, AVX-512 without BF16)
+    OneDnnOps    bf16, weights prepacked for oneDNN (AVX-512 BF16)
+    AmxOps       bf16, small batches on vidya's AMX matmul, every decode layer in one call
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidya.ops.torch_ops import TorchOps
+from vidya.platform import return_freed_memory
+
+
+def cpu_ops(platform) -> "CpuOps":
+    if platform.dtype == torch.float32 and platform.weight_dtype == torch.bfloat16:
+        return Wide16Ops(platform)
+    if platform.dtype == torch.bfloat16 and platform.isa == "amx":
+        return AmxOps(platform)
+    if platform.dtype == torch.bfloat16 and platform.isa == "avx512_bf16":
+        return OneDnnOps(platform)
+    return CpuOps(platform)
+
+
+def release(param: nn.Parameter) -> None:
+    """Give a weight's memory back once a packed copy serves every call: the parameter keeps its
+    shape as a stride-0 view of one element (the module's `plain_weight` rebuilds it)."""
+    param.data = param.data.new_zeros(()).expand(param.shape)
+
+
+class CpuOps(TorchOps):
+    name = "cpu"
+
+    def add_rms_norm(self, x, residual, norm):
+        if residual is None:
+            return torch.ops.vidya.rms_norm(x, norm.weight, norm.eps), x
+        torch.ops.vidya.add_rms_norm_(x, residual, norm.weight, norm.eps)  # both in place
+        return x, residual
+
+    def gated_act(self, gate_up, x, act):
+        if act != "silu":
+            return super().gated_act(gate_up, x, act)
+        return torch.ops.vidya.silu_and_mul(self.linear(gate_up, x))
+
+    def rope_attention(self, attn, qkv, rope, kv_cache, meta):
+        """RoPE on q and k in place and K/V written to the cache in one op, then attention reading
+        q straight from the qkv buffer."""
+        h, d = attn.num_heads, attn.head_dim
+        torch.ops.vidya.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
+                                      meta.slot_mapping)
+        q = qkv[:, :h * d].view(qkv.shape[0], h, d)
+        out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
+                                              meta.row_ctx, attn.scale)
+        return out.view(qkv.shape[0], h * d)
+
+    def first_max(self, logits):
+        return torch.ops.vidya.argmax_rows(logits)
+
+
+class Wide16Ops(CpuOps):
+    """fp32 activations over bf16 weights: every projection and the embedding held in 16 bits
+    (`w16`), widened to fp32 in registers by the kernels (linear_w16)."""
+    name = "cpu-wide16"
+
+    def prepare(self, model) -> None:
+        copies: dict[int, torch.Tensor] = {}  # a tied lm_head shares the embedding's copy
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                w = m.weight
+                if id(w) not in copies:
+                    copies[id(w)] = w.detach().to(torch.bfloat16).contiguous()
+                m.w16 = copies[id(w)]
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "released", False):
+                release(m.weight)
+                m.released = True
+        return_freed_memory()
+
+    def embed(self, embedding, ids):
+        return F.embedding(ids, embedding.w16).float()
+
+    def linear(self, lin, x):
+        return torch.ops.vidya.linear_w16(x, lin.w16, lin.bias)
+
+
+class OneDnnOps(CpuOps):
+    """bf16 with every projection prepacked for oneDNN (re-laying out the weight on every call
+    dominates the decode steps of a small model); big batches run gate and up as two oneDNN
+    matmuls with SiLU and the product in their epilogues."""
+    name = "cpu-onednn"
+    batch_hint = 64
+
+    def prepare(self, model) -> None:
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), self.batch_hint)
+            if hasattr(m, "gate_up_proj"):  # an MLP: its two halves for the fused prefill path
+                w, i = m.gate_up_proj.weight.detach(), m.gate_up_proj.out_features // 2
+                m.gate_up_proj.halves = (torch.ops.mkldnn._reorder_linear_weight(w[:i].contiguous(), self.batch_hint),
+                                         torch.ops.mkldnn._reorder_linear_weight(w[i:].contiguous(), self.batch_hint))
+
+    def linear(self, lin, x):
+        return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
+
+    def gated_act(self, gate_up, x, act):
+        if act != "silu":
+            return super().gated_act(gate_up, x, act)
+        b, i = gate_up.bias, gate_up.out_features // 2
+        gate = torch.ops.mkldnn._linear_pointwise(x, gate_up.halves[0], None if b is None else b[:i], "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, gate_up.halves[1], None if b is None else b[i:], "mul")
+
+
+class AmxOps(OneDnnOps):
+    """Batches of up to MAX_ROWS rows (decode steps) on vidya's AMX matmul, weights packed once
+    into B tiles (oneDNN reaches ~60% of memory bandwidth at that shape); oneDNN, laid out for
+    prefill-sized batches, runs the rest. Once both copies exist the plain weights are released,
+    so weights are held twice, not three times. Decode steps run every layer in one C++ call."""
+    name = "cpu-amx"
+    batch_hint = 4096
+    MAX_ROWS = 64
+
+    def __init__(self, platform) -> None:
+        super().__init__(platform)
+        self.stack: tuple | None = None
+
+    def prepare(self, model) -> None:
+        super().prepare(model)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight.detach()
+                m.amx = torch.ops.vidya.amx_pack(w) if w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 else None
+        self.stack = self._build_stack(model)
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.amx is not None and not (tied and m is model.lm_head):
+                release(m.weight)
+                m.released = True
+        return_freed_memory()
+
+    @staticmethod
+    def _build_stack(model) -> tuple | None:
+        """The per-layer weights `vidya::decode_layers` takes, read off the model's own layers
+        (pre-norm attention + SiLU-gated MLP, one eps, bias only on q/k/v); None where a layer is
+        anything else (then the layers run one op at a time)."""
+        layers = list(model.model.layers)
+        if any(lay.kind != "llama" or lay.mlp.act != "silu" for lay in layers):
+            return None
+        eps = {n.eps for lay in layers for n in (lay.input_layernorm, lay.post_attention_layernorm)}
+        if eps != {model.model.norm.eps}:
+            return None
+        lins = [lin for lay in layers for lin in (lay.self_attn.qkv_proj, lay.self_attn.o_proj,
+                                                  lay.mlp.gate_up_proj, lay.mlp.down_proj)]
+        if any(lin.amx is None for lin in lins):
+            return None
+        if any(lin.bias is not None for lay in layers for lin in (lay.self_attn.o_proj, lay.mlp.gate_up_proj,
+                                                                  lay.mlp.down_proj)):
+            return None
+        biased = [lay.self_attn.qkv_proj.bias is not None for lay in layers]
+        if any(biased) and not all(biased):
+            return None
+        return ([lay.input_layernorm.weight for lay in layers],
+                [lay.self_attn.qkv_proj.amx for lay in layers],
+                [lay.self_attn.qkv_proj.bias for lay in layers] if all(biased) else [],
+                [lay.self_attn.o_proj.amx for lay in layers],
+                [lay.post_attention_layernorm.weight for lay in layers],
+                [lay.mlp.gate_up_proj.amx for lay in layers],
+                [lay.mlp.down_proj.amx for lay in layers])
+
+    def _small(self, lin, x) -> bool:
+        return getattr(lin, "amx", None) is not None and x.shape[0] <= self.MAX_ROWS
+
+    def linear(self, lin, x):
+        if self._small(lin, x):
+            return torch.ops.vidya.amx_linear(x, lin.amx, lin.bias)
+        return super().linear(lin, x)
+
+    def gated_act(self, gate_up, x, act):
+        if act == "silu" and self._small(gate_up, x) and gate_up.bias is None:
+            return torch.ops.vidya.amx_linear_silu(x, gate_up.amx)
+        return super().gated_act(gate_up, x, act)
+
+    def argmax(self, lm_head, hidden):
+        if self._small(lm_head, hidden) and lm_head.bias is None:
+            return torch.ops.vidya.amx_linear_argmax(hidden, lm_head.amx)
+        return None
+
+    def decoder_stack(self, model, x, rope, kv_caches, meta):
+        if self.stack is None or x.shape[0] > self.MAX_ROWS:
+            return None
+        attn = model.layers[0].self_attn
+        return torch.ops.vidya.decode_layers(
+            x, rope[0], rope[1], *self.stack, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+            meta.slot_mapping, meta.block_tables, meta.row_seq, meta.row_ctx, attn.num_heads, attn.num_kv_heads,
+            attn.head_dim, model.norm.eps, attn.scale)

@@ -1,0 +1,71 @@
+"""The reference implementation of every op (see vidya/ops/__init__.py): plain torch, any device.
+Faster backends are tested against these."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vidya.attention.metadata import AttentionMetadata
+from vidya.attention.paged import paged_attention
+from vidya.models.rope import apply_rotary
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, platform) -> None:
+        self.platform = platform
+
+    def prepare(self, model) -> None:
+        """Lay out the model's weights for this backend, once, after loading."""
+
+    def embed(self, embedding, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, embedding.weight)
+
+    def linear(self, lin, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, lin.weight, lin.bias)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x); the first layer passes residual None."""
+        residual = x if residual is None else residual + x
+        return rms_norm(residual, norm.weight, norm.eps), residual
+
+    def gated_act(self, gate_up, x: torch.Tensor, act: str) -> torch.Tensor:
+        gate, up = self.linear(gate_up, x).chunk(2, dim=-1)
+        return ACTIVATIONS[act](gate) * up
+
+    def rope_attention(self, attn, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """qkv [T, (H + 2 kvh) d] -> attention output [T, H d]."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = q.view(t, attn.num_heads, attn.head_dim), k.view(t, attn.num_kv_heads, attn.head_dim)
+        q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        v = v.view(t, attn.num_kv_heads, attn.head_dim)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale)
+        return out.reshape(t, attn.num_heads * attn.head_dim)
+
+    def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:
+        """In the model's dtype; the sampler converts to float32 where it needs to."""
+        return self.linear(lm_head, hidden)
+
+    def argmax(self, lm_head, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The greedy token of each row without writing the logits, where this backend can; else None."""
+        return None
+
+    def first_max(self, logits: torch.Tensor) -> torch.Tensor:
+        """Index of each row's first maximum (`max().indices` is ~5x faster than argmax in bf16)."""
+        return logits.max(dim=-1).indices
+
+    def decoder_stack(self, model, x, rope, kv_caches, meta) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(x, residual) after every layer in one call, where this backend built a stack; else None."""
+        return None

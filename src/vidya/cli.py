@@ -62,6 +62,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 429 when this many requests wait for the engine (0: no limit)")
     p.add_argument("--max-tokens-default", type=int, default=None,
                    help="max_tokens for requests that give none (default: up to the context window)")
+    p.add_argument("--no-tutor-warmup", action="store_true",
+                   help="do not compute the tutor's system prompts into the prefix cache at start-up")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight may take to finish after SIGTERM")
     p.add_argument("--allowed-origins", type=origins, nargs="+", default=None,
@@ -114,7 +116,8 @@ def run_serve(args) -> int:
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_keys=keys,
         max_waiting=args.max_waiting or None, max_tokens_default=args.max_tokens_default,
-        allowed_origins=[o for group in args.allowed_origins or [] for o in group])
+        allowed_origins=[o for group in args.allowed_origins or [] for o in group],
+        warm_tutor_prompts=not args.no_tutor_warmup)
     return serve(engine_args(args), settings, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                  timeout_keep_alive=args.timeout_keep_alive, log_level=args.uvicorn_log_level,
                  access_log=not args.disable_uvicorn_access_log)

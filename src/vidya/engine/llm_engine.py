@@ -24,6 +24,34 @@ from vidya.platform import resolve_platform
 from vidya.sampling_params import SamplingParams
 
 
+def _shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_waves(prompts: list[list[int]], block_size: int) -> list[list[list[int]]]:
+    """Prompts in waves that batch well: within a wave no two would compute the same uncached
+    block (a common prefix is computed once, by the first wave that holds it; later waves hit it)."""
+    done: list[list[int]] = []
+    waves, pending = [], list(prompts)
+    while pending:
+        wave, rest = [], []
+        for p in pending:
+            cached = max((_shared(p, d) for d in done), default=0) // block_size * block_size
+            if any(_shared(p, w) >= cached + block_size for w in wave):
+                rest.append(p)
+            else:
+                wave.append(p)
+        waves.append(wave)
+        done += wave
+        pending = rest
+    return waves
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         t0 = time.perf_counter()
@@ -211,6 +239,23 @@ class LLMEngine:
                 self.states.pop(state.request_id, None)
                 self.stats.record_finished(state, now)
         return outputs
+
+    def warm_prefix_cache(self, prompts: list[list[int]]) -> int:
+        """Compute these prompts' KV into the prefix cache now (e.g. the tutor's system prompts at
+        start-up), so the first request that begins with one reuses its blocks. The blocks stay
+        evictable like any cached block. Counters and histograms start from zero afterwards: this
+        is not traffic. Returns the number of prompt tokens now cached in full blocks."""
+        if not self.kv.enable_caching or not prompts:
+            return 0
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        for wave in prefix_waves(prompts, self.kv.block_size):
+            ids = {self.add_request(None, p, params) for p in wave}
+            while ids & set(self.states):
+                self.step()
+        self.stats = EngineStats()
+        self.kv.prefix_queries = self.kv.prefix_hits = 0
+        bs = self.kv.block_size
+        return sum(len(p) // bs * bs for p in prompts)
 
     def check(self) -> None:
         """Assert every invariant of the scheduler and the block pool."""

@@ -99,7 +99,10 @@ class ModelRunner:
         """The step's flat batch and its one attention-metadata layout (decodes first)."""
         bs = self.block_size
         is_decode = lambda s: s.num_new_tokens == 1 and s.samples
-        order = [s for s in out.scheduled if is_decode(s)] + [s for s in out.scheduled if not is_decode(s)]
+        # decodes first, then prefill chunks shortest first (a backend may send the long ones,
+        # a suffix of the batch, to another kernel)
+        order = [s for s in out.scheduled if is_decode(s)] + sorted(
+            (s for s in out.scheduled if not is_decode(s)), key=lambda s: s.num_new_tokens)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidya.attention.paged import prefill_attention
 from vidya.ops.torch_ops import TorchOps
 from vidya.platform import return_freed_memory
 
@@ -35,6 +36,15 @@ def release(param: nn.Parameter) -> None:
 
 class CpuOps(TorchOps):
     name = "cpu"
+    # Prefill chunks of at least this many rows go to torch's fused SDPA (over the chunk's K/V
+    # gathered from the cache) where the kernels have no tiles for them: measured 3.5-4.7x faster
+    # than row-by-row on AVX2 (tests/test_cpu_kernels.py checks both against the reference).
+    SDPA_MIN_ROWS = 8
+
+    def __init__(self, platform) -> None:
+        super().__init__(platform)
+        tiles = platform.dtype == torch.bfloat16 and platform.isa in ("amx", "avx512_bf16")
+        self.sdpa_prefill = not tiles
 
     def add_rms_norm(self, x, residual, norm):
         if residual is None:
@@ -54,8 +64,25 @@ class CpuOps(TorchOps):
         torch.ops.vidya.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
                                       meta.slot_mapping)
         q = qkv[:, :h * d].view(qkv.shape[0], h, d)
-        out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
-                                              meta.row_ctx, attn.scale)
+        if not self.sdpa_prefill:
+            out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
+                                                  meta.row_ctx, attn.scale)
+            return out.view(qkv.shape[0], h * d)
+        # rows before `cut` (decodes and short chunks) row by row in C++; long chunks on SDPA
+        starts, long = meta.query_starts, []
+        for i in range(len(starts) - 2, meta.num_decodes - 1, -1):
+            if starts[i + 1] - starts[i] < self.SDPA_MIN_ROWS:
+                break
+            long.append(i)
+        cut = starts[long[-1]] if long else qkv.shape[0]
+        out = q.new_empty(q.shape)
+        if cut:
+            out[:cut] = torch.ops.vidya.paged_attention(q[:cut], kv_cache[0], kv_cache[1], meta.block_tables,
+                                                        meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale)
+        for i in long:
+            a, b = starts[i], starts[i + 1]
+            out[a:b] = prefill_attention(q[a:b], kv_cache[0], kv_cache[1], meta.block_tables[i],
+                                         int(meta.row_ctx[b - 1]), attn.scale)
         return out.view(qkv.shape[0], h * d)
 
     def first_max(self, logits):

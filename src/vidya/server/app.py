@@ -36,6 +36,7 @@ class ServerSettings:
     max_waiting: int | None = 512
     max_tokens_default: int | None = None
     allowed_origins: list[str] = field(default_factory=list)
+    warm_tutor_prompts: bool = True  # compute the tutor's system prompts into the prefix cache at start-up
 
 
 @dataclass(slots=True)

@@ -19,9 +19,11 @@ import uvicorn
 
 from vidya.config import EngineArgs
 from vidya.engine.async_llm import AsyncLLM
+from vidya.engine.llm_engine import LLMEngine
 from vidya.models import loader
 from vidya.server.app import ServerSettings, ServerState, build_app
 from vidya.server.serving import Serving
+from vidya.tutor.warmup import system_prefixes
 
 log = logging.getLogger("vidya.server")
 
@@ -57,7 +59,13 @@ class DrainingServer(uvicorn.Server):
 
 def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, server: DrainingServer) -> None:
     try:
-        llm = AsyncLLM(args)
+        engine = LLMEngine(args)
+        if settings.warm_tutor_prompts:
+            t0 = time.perf_counter()
+            cached = engine.warm_prefix_cache(system_prefixes(engine))
+            print(f"vidya: tutor system prompts in the prefix cache ({cached} tokens, "
+                  f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        llm = AsyncLLM(engine=engine)
         state.llm = llm
         state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default)
         print(f"vidya: serving {', '.join(settings.served_model_names)} on {llm.engine.platform.describe()}",

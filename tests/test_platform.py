@@ -1,0 +1,68 @@
+"""The one backend choice (vidya/platform.py): the ISA level from the CPU's flags, the override
+(`--backend` / `VIDYA_BACKEND`) and its errors, the dtypes each CPU class gets, and a CPU without
+AVX2 serving on the torch reference ops with a start-up line that says so."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_engine, run_to_completion
+from vidya import SamplingParams
+from vidya import platform as plat
+
+AVX2 = {"avx2", "fma", "f16c"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+@pytest.mark.parametrize("flags,want", [
+    (set(), "generic"), ({"sse4_2", "avx"}, "generic"), (AVX2, "avx2"), (AVX512, "avx512"),
+    (AVX512 | {"avx512_bf16"}, "avx512_bf16"), (AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16"}, "amx"),
+    ({"amx_tile", "amx_bf16"} | AVX2, "avx2"),  # AMX flags without AVX-512 BF16: not an AMX path
+])
+def test_isa_level_from_cpu_flags(flags, want, monkeypatch):
+    monkeypatch.setattr(plat._host, "machine", lambda: "x86_64")
+    assert plat.cpu_isa(flags) == want
+
+
+def test_not_x86_is_generic(monkeypatch):
+    monkeypatch.setattr(plat._host, "machine", lambda: "aarch64")
+    assert plat.cpu_isa(AVX512) == "generic"
+
+
+def test_override_errors_say_what_to_do(monkeypatch):
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        plat.resolve_platform(backend="sse")
+    monkeypatch.setenv("VIDYA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="VIDYA_BACKEND must be one of"):
+        plat.resolve_platform()
+    monkeypatch.setenv("VIDYA_BACKEND", "amx")
+    if plat.cpu_isa() != "amx":
+        with pytest.raises(ValueError, match="this CPU has only"):
+            plat.resolve_platform()
+    monkeypatch.setenv("VIDYA_BACKEND", "torch")
+    p = plat.resolve_platform()
+    assert p.backend == "torch" and "torch reference ops" in p.describe()
+
+
+def test_each_cpu_class_gets_its_dtypes(monkeypatch):
+    """bf16 math where the CPU has it; fp32 math over 16-bit weights and KV cache where not."""
+    for isa in ("avx2", "avx512"):
+        if plat.ISAS.index(isa) >= plat.ISAS.index(plat.cpu_isa()):
+            p = plat.resolve_platform(backend=isa)
+            assert (p.backend, p.isa, p.dtype, p.weight_dtype, p.kv_dtype) == \
+                ("cpu", isa, torch.float32, torch.bfloat16, torch.bfloat16)
+    p = plat.resolve_platform(backend="avx2" if plat.cpu_isa() != "generic" else "torch", dtype="float32")
+    assert (p.dtype, p.weight_dtype, p.kv_dtype) == (torch.float32,) * 3  # asked for: all fp32
+
+
+def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, monkeypatch, capsys):
+    monkeypatch.setattr(plat, "cpu_isa", lambda flags=None: "generic")
+    p = plat.resolve_platform()
+    assert (p.backend, p.isa, p.dtype) == ("torch", "generic", torch.float32)
+    assert "no AVX2" in p.describe()
+    engine = make_engine(tiny_models["llama"][0], dtype="auto", show_progress=True)
+    assert engine.platform.backend == "torch"
+    rid = engine.add_request(None, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4))
+    assert len(run_to_completion(engine)[rid].outputs[0].token_ids) == 4
+    startup = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vidya: backend:")]
+    assert len(startup) == 1 and "no AVX2" in startup[0], startup

@@ -143,30 +143,37 @@ def test_argmax_rows_is_torch_max_indices(isa, dtype):
     assert torch.equal(torch.ops.vidya.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 64, 127, 128, 300])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64, 96, 97, 300])
 @pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
-                                                           (40, 24, True)])
+                                                           (40, 24, True), (200, 2000, True)])
 def test_linear_w16_is_fp32_linear_over_the_widened_weight(rows, out_features, in_features, bias):
-    """fp32 rows times bf16 weights (CPUs without bf16 math), on each of its three paths (few
-    rows, L2 panels, prefill chunks): F.linear over the widened weight, up to summation order."""
+    """fp32 rows times bf16 weights packed in strips (CPUs without bf16 math), on both paths
+    (register tiles up to 96 rows, widened chunks and torch's GEMM above) and with a last strip
+    partly filled: F.linear over the widened weight, up to summation order."""
+    from vidya.ops.cpu import pack_w16, unpack_w16
     g = torch.Generator().manual_seed(rows * 7 + out_features)
     w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(rows, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    y = torch.ops.vidya.linear_w16(x, w, b)
-    assert y.dtype == torch.float32
+    packed = pack_w16(w)
+    assert torch.equal(unpack_w16(packed, out_features), w)
+    y = torch.ops.vidya.linear_w16(x, packed, b, out_features)
+    assert y.dtype == torch.float32 and y.shape == (rows, out_features)
     torch.testing.assert_close(y, F.linear(x, w.float(), b), atol=1e-4, rtol=1e-4)
     with torch.inference_mode():  # the engine's mode, on every worker thread too
-        torch.testing.assert_close(torch.ops.vidya.linear_w16(x, w, b), y, atol=0, rtol=0)
+        torch.testing.assert_close(torch.ops.vidya.linear_w16(x, packed, b, out_features), y, atol=0, rtol=0)
     wide = torch.cat([x, x], dim=1)[:, :in_features]  # strided rows
-    torch.testing.assert_close(torch.ops.vidya.linear_w16(wide, w, b), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.ops.vidya.linear_w16(wide, packed, b, out_features), y, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_w16_rejects_what_it_cannot_run():
-    with pytest.raises(RuntimeError, match="bf16"):
-        torch.ops.vidya.linear_w16(torch.randn(2, 8), torch.randn(4, 8), None)
+    from vidya.ops.cpu import pack_w16
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.vidya.linear_w16(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16), None, 4)
     with pytest.raises(RuntimeError, match="fp32"):
-        torch.ops.vidya.linear_w16(torch.randn(2, 8).to(torch.bfloat16), torch.randn(4, 8).to(torch.bfloat16), None)
+        torch.ops.vidya.linear_w16(torch.randn(2, 8).to(torch.bfloat16), pack_w16(torch.randn(4, 8)), None, 4)
+    with pytest.raises(RuntimeError, match="packed"):  # N does not match the strips
+        torch.ops.vidya.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(4, 8)), None, 40)
 
 
 @amx_only

@@ -25,7 +25,7 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None  # oneDNN layout
     amx: torch.Tensor | None = None  # AMX B tiles: [N/16][K/32][16 k-pairs][16 n][2]
-    w16: torch.Tensor | None = None  # bf16 copy under fp32 math
+    w16: torch.Tensor | None = None  # bf16 strips under fp32 math (vidya.ops.cpu.pack_w16)
     released = False
 
     def plain_weight(self) -> torch.Tensor:
@@ -36,8 +36,10 @@ def plain_weight(m: nn.Module) -> torch.Tensor:
     """A module's weight as loaded, rebuilt from the copy the backend kept if it was released."""
     if not getattr(m, "released", False):
         return m.weight
-    if getattr(m, "w16", None) is not None:
-        return m.w16.to(m.weight.dtype)
+    if getattr(m, "w16", None) is not None:  # bf16 under fp32 math (vidya.ops.cpu.Wide16Ops)
+        from vidya.ops.cpu import unpack_w16
+        w = m.w16 if m.w16.dim() == 2 else unpack_w16(m.w16, m.weight.shape[0])
+        return w.to(m.weight.dtype)
     n16, k32 = m.amx.shape[:2]
     return m.amx.view(n16, k32, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(n16 * 16, k32 * 32)
 

@@ -89,19 +89,45 @@ class CpuOps(TorchOps):
         return torch.ops.vidya.argmax_rows(logits)
 
 
+# The strip layout of `vidya::linear_w16` (kernels/csrc/x86/gemm_avx2.h): weights in strips of 16
+# output columns, k-major, position p of each 16 holding column W16_ORDER[p].
+W16_ORDER = [8, 0, 9, 1, 10, 2, 11, 3, 12, 4, 13, 5, 14, 6, 15, 7]
+W16_POSITION = [W16_ORDER.index(c) for c in range(16)]
+
+
+def pack_w16(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> bf16 [ceil(N / 16), K, 16] (zero columns pad the last strip)."""
+    n, k = w.shape
+    strips = -(-n // 16)
+    padded = w.new_zeros((strips * 16, k), dtype=torch.bfloat16)
+    padded[:n] = w
+    return padded.view(strips, 16, k)[:, W16_ORDER, :].transpose(1, 2).contiguous()
+
+
+def unpack_w16(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """pack_w16's input back, as bf16 [n, K]."""
+    strips, k, _ = packed.shape
+    return packed[:, :, W16_POSITION].transpose(1, 2).reshape(strips * 16, k)[:n]
+
+
 class Wide16Ops(CpuOps):
-    """fp32 activations over bf16 weights: every projection and the embedding held in 16 bits
-    (`w16`), widened to fp32 in registers by the kernels (linear_w16)."""
+    """fp32 activations over bf16 weights: every projection packed once into linear_w16's strips
+    (`w16`), the embedding held in bf16 (a tied one is read from the lm_head's strips), all
+    widened to fp32 in registers; the fp32 weights are released."""
     name = "cpu-wide16"
 
     def prepare(self, model) -> None:
-        copies: dict[int, torch.Tensor] = {}  # a tied lm_head shares the embedding's copy
+        packed: dict[int, torch.Tensor] = {}
         for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                w = m.weight
-                if id(w) not in copies:
-                    copies[id(w)] = w.detach().to(torch.bfloat16).contiguous()
-                m.w16 = copies[id(w)]
+            if isinstance(m, nn.Linear):
+                if id(m.weight) not in packed:
+                    packed[id(m.weight)] = pack_w16(m.weight.detach())
+                m.w16 = packed[id(m.weight)]
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):  # tied to a projection: gather rows from its strips
+                m.w16 = packed.get(id(m.weight))
+                if m.w16 is None:
+                    m.w16 = m.weight.detach().to(torch.bfloat16)
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "released", False):
                 release(m.weight)
@@ -109,12 +135,13 @@ class Wide16Ops(CpuOps):
         return_freed_memory()
 
     def embed(self, embedding, ids):
+        if embedding.w16.dim() == 3:  # row n is strip n // 16, position W16_POSITION[n % 16]
+            pos = torch.tensor(W16_POSITION, device=ids.device)[ids % 16]
+            return embedding.w16[ids // 16, :, pos].float()
         return F.embedding(ids, embedding.w16).float()
 
     def linear(self, lin, x):
-        return torch.ops.vidya.linear_w16(x, lin.w16, lin.bias)
-
-
+        return torch.ops.vidya.linear_w16(x, lin.w16, lin.bias, lin.out_features)
 class OneDnnOps(CpuOps):
     """bf16 with every projection prepacked for oneDNN (re-laying out the weight on every call
     dominates the decode steps of a small model); big batches run gate and up as two oneDNN

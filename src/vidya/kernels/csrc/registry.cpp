@@ -22,7 +22,7 @@ TORCH_LIBRARY(vidya, m) {
   m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("cpu_isa() -> int");
   m.def("bind_isa(int level) -> int");
-  m.def("linear_w16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_w16(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
   m.def("amx_available() -> bool");
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");

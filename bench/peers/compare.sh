@@ -43,22 +43,15 @@ wait_ready "http://127.0.0.1:$PORT_V" "$pid"
 "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_V" --concurrency 64 --json "$OUT/vidya-serve.json"
 kill -TERM "$pid"; wait "$pid" || true
 
-if [ "$HAVE_VLLM" = 1 ]; then
-    echo "== served: vLLM OpenAI server, 64 concurrent streams"
-    "$HERE/vllm_cpu.sh" serve "$PORT_L" >"$OUT/vllm-serve.log" 2>&1 &
-    pid=$!
+serve_peer() {  # LABEL SCRIPT NAME: start SCRIPT serve, load it at 64 streams into OUT/NAME-serve.json
+    echo "== served: $1, 64 concurrent streams"
+    "$HERE/$2" serve "$PORT_L" >"$OUT/$3-serve.log" 2>&1 &
+    local pid=$!
     wait_ready "http://127.0.0.1:$PORT_L" "$pid"
-    "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/vllm-serve.json"
+    "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/$3-serve.json"
     kill -TERM "$pid"; wait "$pid" || true
-fi
-
-if [ "$HAVE_LLAMA" = 1 ]; then
-    echo "== served: llama.cpp llama-server -np 64, 64 concurrent streams"
-    "$HERE/llama_server.sh" serve "$PORT_L" >"$OUT/llamacpp-serve.log" 2>&1 &
-    pid=$!
-    wait_ready "http://127.0.0.1:$PORT_L" "$pid"
-    "$VIDYA" bench serve --base-url "http://127.0.0.1:$PORT_L" --concurrency 64 --json "$OUT/llamacpp-serve.json"
-    kill -TERM "$pid"; wait "$pid" || true
-fi
+}
+[ "$HAVE_VLLM" = 1 ] && serve_peer "vLLM OpenAI server" vllm_cpu.sh vllm
+[ "$HAVE_LLAMA" = 1 ] && serve_peer "llama.cpp llama-server -np 64" llama_server.sh llamacpp
 
 "$REPO/.venv/bin/python" "$HERE/table.py" "$OUT" | tee "$OUT/table.md"

@@ -38,7 +38,8 @@ class CpuOps(TorchOps):
     name = "cpu"
     # Prefill chunks of at least this many rows go to torch's fused SDPA (over the chunk's K/V
     # gathered from the cache) where the kernels have no tiles for them: measured 3.5-4.7x faster
-    # than row-by-row on AVX2 (tests/test_cpu_kernels.py checks both against the reference).
+    # than row-by-row on AVX2. (The engine tests mix both in one step: decodes and short chunks
+    # row by row, long chunks on SDPA, token-exact against transformers in fp32.)
     SDPA_MIN_ROWS = 8
 
     def __init__(self, platform) -> None:

@@ -18,7 +18,10 @@ def test_bench_throughput_with_hf_baseline_writes_a_report(tiny_models, tmp_path
     assert hf_row["requests"] == 1 and hf_row["output_tokens"] == 128
     assert 0.0 <= vidya_row["kv_waste"] < 1.0
     assert vidya_row["x_vs_hf"] > 0
-    assert "out tok/s" in capsys.readouterr().out
+    # the result names what ran: the platform vidya/platform.py chose, as the start-up line does
+    assert report["platform"]["isa"] and report["platform"]["backend"] in ("cpu", "torch")
+    printed = capsys.readouterr().out
+    assert "out tok/s" in printed and f"backend: cpu {report['platform']['isa']}" in printed
 
 
 def test_cli_reports_user_errors_without_a_traceback(capsys):
@@ -40,7 +43,10 @@ def test_bench_serve_against_a_live_server(server, tmp_path, capsys):
         assert 0 < report[f"{name}_p50_ms"] <= report[f"{name}_p90_ms"] <= report[f"{name}_p99_ms"]
     assert report["ttft_p99_ms"] <= report["e2e_p99_ms"]
     assert 0 < report["server_metrics"]["kv_cache_waste_perc"] < 1  # read from vidya's /metrics
-    assert "output tok/s" in capsys.readouterr().out
+    backend = report["server_metrics"]["backend"]  # read from vidya's /version
+    assert backend["device"] == "cpu" and backend["isa"]
+    printed = capsys.readouterr().out
+    assert "output tok/s" in printed and f"server backend: cpu {backend['isa']}" in printed
 
 
 def test_bench_serve_names_an_unreachable_server(capsys):

@@ -164,7 +164,17 @@ async def bench(args, base: str, workload: Workload, concurrency: int | None) ->
         results = await run_load(client, f"{base}/chat/completions", bodies, concurrency,
                                  args.request_rate, args.seed, args.timeout)
         server = await server_metrics(client, base)
+        server["backend"] = await server_backend(client, base)
     return model, results, server
+
+
+async def server_backend(client: httpx.AsyncClient, base: str) -> dict | None:
+    """What a vidya server runs (its /version `backend`: device, ISA, dtypes); None elsewhere."""
+    try:
+        r = await client.get(base.removesuffix("/v1") + "/version", timeout=10)
+        return r.json().get("backend") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 async def server_metrics(client: httpx.AsyncClient, base: str) -> dict:
@@ -204,6 +214,10 @@ def print_report(report: dict) -> None:
             else f"Poisson {report['request_rate']:g} req/s, seed {report['seed']}")
     print(f"\nbench serve {report['base_url']}, model {report['model']}, workload {report['workload']}: "
           f"{report['num_requests']} requests, {load}")
+    backend = report["server_metrics"].get("backend")
+    if backend:
+        print(f"server backend: {backend['device']} {backend['isa']} ({backend['backend']}): {backend['dtype']} math, "
+              f"{backend['weight_dtype']} weights, {backend['kv_cache_dtype']} KV cache")
     print(f"{'duration':<20} {report['duration_s']:>10.2f} s")
     print(f"{'completed / failed':<20} {report['completed']:>6} / {report['failed']}")
     print(f"{'output tokens':<20} {report['output_tokens']:>10}")

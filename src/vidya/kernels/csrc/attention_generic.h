@@ -2,6 +2,9 @@
 // the path every CPU runs, compiled for AVX-512, AVX2 and baseline x86 by target_clones.
 #pragma once
 #include "common.h"
+#if VIDYA_X86
+#include "x86/attention_avx2.h"
+#endif
 
 namespace vidya {
 
@@ -38,9 +41,16 @@ void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __rest
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < ctx; ++t) m = sg[t] > m ? sg[t] : m;
     float sum = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      sum += sg[t];
+#if VIDYA_X86
+    if (isa_at_least(kAvx2)) {
+      sum = exp_sum_avx2(sg, ctx, m);
+    } else
+#endif
+    {
+      for (int64_t t = 0; t < ctx; ++t) {
+        sg[t] = std::exp(sg[t] - m);
+        sum += sg[t];
+      }
     }
     inv_sum[g] = 1.f / sum;
   }

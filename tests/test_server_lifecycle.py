@@ -35,6 +35,7 @@ def test_health_is_503_while_loading(server):
 
 def test_api_keys(guarded):
     url = guarded.url
+    assert "tutor system prompts in the prefix cache" not in guarded.log()  # --no-tutor-warmup
     for headers in ({}, auth("wrong"), {"authorization": KEYS[0]}):
         r = httpx.post(url + "/v1/chat/completions", json={**BODY, "max_tokens": 1}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -28,5 +28,3 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int64: tokens in the cache after this step
     query_starts: list[int]  # num_seqs + 1 row offsets
     num_decodes: int  # the first num_decodes sequences have one query row each
-    max_seq_len: int
-    block_size: int

@@ -11,7 +11,7 @@ import torch
 from vidya.attention import AttentionMetadata
 from vidya.config import CacheConfig
 from vidya.engine.request import Request
-from vidya.engine.scheduler import ScheduledRequest, SchedulerOutput
+from vidya.engine.scheduler import SchedulerOutput
 from vidya.models.llama import head_dim_of
 from vidya.platform import return_freed_memory
 
@@ -135,8 +135,6 @@ class ModelRunner:
             seq_lens=tensor(seq_lens),
             query_starts=starts,
             num_decodes=sum(1 for s in order if is_decode(s)),
-            max_seq_len=max(seq_lens, default=0),
-            block_size=bs,
         )
         return ModelInput(tensor(ids), tensor(positions), meta, tensor(logits_rows), sampling)
 

@@ -35,7 +35,6 @@ def release(param: nn.Parameter) -> None:
 
 
 class CpuOps(TorchOps):
-    name = "cpu"
     # Prefill chunks of at least this many rows go to torch's fused SDPA (over the chunk's K/V
     # gathered from the cache) where the kernels have no tiles for them: measured 3.5-4.7x faster
     # than row-by-row on AVX2. (The engine tests mix both in one step: decodes and short chunks
@@ -115,7 +114,6 @@ class Wide16Ops(CpuOps):
     """fp32 activations over bf16 weights: every projection packed once into linear_w16's strips
     (`w16`), the embedding held in bf16 (a tied one is read from the lm_head's strips), all
     widened to fp32 in registers; the fp32 weights are released."""
-    name = "cpu-wide16"
 
     def prepare(self, model) -> None:
         packed: dict[int, torch.Tensor] = {}
@@ -147,17 +145,21 @@ class OneDnnOps(CpuOps):
     """bf16 with every projection prepacked for oneDNN (re-laying out the weight on every call
     dominates the decode steps of a small model); big batches run gate and up as two oneDNN
     matmuls with SiLU and the product in their epilogues."""
-    name = "cpu-onednn"
     batch_hint = 64
 
     def prepare(self, model) -> None:
+        reorder = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.batch_hint)
+        # a SiLU-gated MLP's gate_up only ever runs through gated_act: its two halves, not the whole
+        halved = {id(m.gate_up_proj) for m in model.modules() if getattr(m, "act", None) == "silu"}
         for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), self.batch_hint)
-            if hasattr(m, "gate_up_proj"):  # an MLP: its two halves for the fused prefill path
-                w, i = m.gate_up_proj.weight.detach(), m.gate_up_proj.out_features // 2
-                m.gate_up_proj.halves = (torch.ops.mkldnn._reorder_linear_weight(w[:i].contiguous(), self.batch_hint),
-                                         torch.ops.mkldnn._reorder_linear_weight(w[i:].contiguous(), self.batch_hint))
+            if not isinstance(m, nn.Linear):
+                continue
+            w = m.weight.detach()
+            if id(m) in halved:
+                i = m.out_features // 2
+                m.halves = (reorder(w[:i]), reorder(w[i:]))
+            else:
+                m.packed = reorder(w)
 
     def linear(self, lin, x):
         return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
@@ -175,7 +177,6 @@ class AmxOps(OneDnnOps):
     into B tiles (oneDNN reaches ~60% of memory bandwidth at that shape); oneDNN, laid out for
     prefill-sized batches, runs the rest. Once both copies exist the plain weights are released,
     so weights are held twice, not three times. Decode steps run every layer in one C++ call."""
-    name = "cpu-amx"
     batch_hint = 4096
     MAX_ROWS = 64
 

@@ -20,10 +20,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class TorchOps:
-    name = "torch"
-
     def __init__(self, platform) -> None:
-        self.platform = platform
+        """`platform` (vidya/platform.py) says what this machine runs; the reference needs nothing of it."""
 
     def prepare(self, model) -> None:
         """Lay out the model's weights for this backend, once, after loading."""

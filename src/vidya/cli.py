@@ -62,6 +62,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 429 when this many requests wait for the engine (0: no limit)")
     p.add_argument("--max-tokens-default", type=int, default=None,
                    help="max_tokens for requests that give none (default: up to the context window)")
+    p.add_argument("--max-sequences-per-request", type=int, default=128,
+                   help="most sequences one request may start, n times its prompts (default 128, OpenAI's n limit)")
+    p.add_argument("--max-logprob-entries", type=int, default=1 << 18,
+                   help="most logprob entries one request may ask for, sequences x max_tokens x (1 + top) "
+                        "(default 262144, about 40 MB)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--no-tutor-warmup", action="store_true",
                    help="do not compute the tutor's system prompts into the prefix cache at start-up")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -113,11 +120,15 @@ def run_serve(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.max_tokens_default == 0:
         raise ValueError("--max-tokens-default must be >= 1")
+    for name in ("max_sequences_per_request", "max_logprob_entries", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_keys=keys,
         max_waiting=args.max_waiting or None, max_tokens_default=args.max_tokens_default,
         allowed_origins=[o for group in args.allowed_origins or [] for o in group],
-        warm_tutor_prompts=not args.no_tutor_warmup)
+        warm_tutor_prompts=not args.no_tutor_warmup, max_sequences_per_request=args.max_sequences_per_request,
+        max_logprob_entries=args.max_logprob_entries, max_request_bytes=args.max_request_bytes)
     return serve(engine_args(args), settings, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                  timeout_keep_alive=args.timeout_keep_alive, log_level=args.uvicorn_log_level,
                  access_log=not args.disable_uvicorn_access_log)

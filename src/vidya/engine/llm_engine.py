@@ -2,6 +2,7 @@
 the model, update from the output. Everything else lives in the parts it calls."""
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
@@ -17,6 +18,7 @@ from vidya.engine.request import Request, RequestStatus
 from vidya.engine.sampler import Sampler, SamplerOutput
 from vidya.engine.scheduler import Scheduler
 from vidya.engine.stats import EngineStats
+from vidya.engine.token_bytes import TokenBytes
 from vidya.models import loader
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
@@ -101,6 +103,11 @@ class LLMEngine:
                              f"pass --max-model-len {limit} or less")
         return asked
 
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """token id -> its raw UTF-8 bytes (logprobs' `bytes`), built on first use."""
+        return TokenBytes(self.tokenizer)
+
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids
@@ -122,6 +129,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab})")
         max_tokens = params.max_tokens or max(1, self.max_model_len - len(token_ids))
         self.scheduler.check_fits(len(token_ids), max_tokens)
         return max_tokens

@@ -37,6 +37,9 @@ class ServerSettings:
     max_tokens_default: int | None = None
     allowed_origins: list[str] = field(default_factory=list)
     warm_tutor_prompts: bool = True  # compute the tutor's system prompts into the prefix cache at start-up
+    max_sequences_per_request: int = 128
+    max_logprob_entries: int = 1 << 18
+    max_request_bytes: int = 4 << 20
 
 
 @dataclass(slots=True)
@@ -117,11 +120,27 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
             raise APIError(503, reason, code="service_unavailable", headers={"Retry-After": "5"})
         return state.serving
 
+    async def read_body(request: Request) -> bytes:
+        """The body, or a 413 as soon as it passes the limit (never buffered beyond it)."""
+        limit = settings.max_request_bytes
+        too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                           code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def body_of(request: Request, model):
         authorize(request)
         serving = serving_or_503()
         protocol.require_json(request.headers.get("content-type"))
-        return serving, protocol.parse(model, await request.body())
+        return serving, protocol.parse(model, await read_body(request))
 
     def admit(llm: AsyncLLM) -> None:
         if settings.max_waiting is not None and llm.num_waiting() >= settings.max_waiting:
@@ -188,7 +207,7 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         rid = new_id("chatcmpl")
         if req.stream:
             return _sse(chat_stream(serving, rid, model, jobs, req.include_usage))
-        return await until_disconnect(request, _whole(serving, jobs, lambda outs: chat_response(rid, model, jobs, outs)))
+        return await until_disconnect(request, _whole(serving, jobs, lambda outs: chat_response(rid, model, jobs, outs, serving.engine.token_bytes)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):

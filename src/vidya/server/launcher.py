@@ -67,7 +67,8 @@ def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, 
                   f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         llm = AsyncLLM(engine=engine)
         state.llm = llm
-        state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default)
+        state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default,
+                                settings.max_sequences_per_request, settings.max_logprob_entries)
         print(f"vidya: serving {', '.join(settings.served_model_names)} on {llm.engine.platform.describe()}",
               file=sys.stderr, flush=True)
     except BaseException as e:  # noqa: BLE001 - reported, then the process exits non-zero

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from vidya.sampling_params import SamplingParams
 from vidya.server.errors import APIError, bad_request
@@ -21,8 +21,28 @@ UNSUPPORTED_UNLESS = {
 }
 
 
+# Bounds at the HTTP edge, as the OpenAI API has them where it states one (n, temperature, top_p,
+# penalties, top_logprobs, stop, logit_bias), else generous ones that keep one request's memory and
+# time small (the engine's Python API keeps vLLM's wider ranges). Each breach is a 400 naming the field.
+MAX_N = 128
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_STOP_CHARS = 256  # each; a held-back stop costs its length squared per token
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256
+MAX_PROMPTS = 128  # prompts in one completions request
+MAX_TOKEN_INT = 2**31 - 1  # max_tokens, min_tokens, top_k: the engine then checks them against the context
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TEMPLATE_KWARGS = 16
+MAX_DETOKENIZE = 1 << 20
+
+Int = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -31,24 +51,24 @@ class StreamOptions(Strict):
 
 class _Common(Strict):
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_INT)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_tokens: Int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     # known but not implemented: see UNSUPPORTED_UNLESS
     tools: Any = None
@@ -80,8 +100,6 @@ class _Common(Strict):
                 bias = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
-            if any(not -100 <= v <= 100 for v in bias.values()):
-                raise bad_request("logit_bias values must be between -100 and 100", param="logit_bias")
         try:
             return SamplingParams(
                 n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -104,7 +122,7 @@ class _Common(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
+    content: str | Annotated[list[dict], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
 
     def text(self, index: int) -> str:
@@ -123,12 +141,12 @@ class ChatMessage(Strict):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_INT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_INT)
     logprobs: bool = False
-    top_logprobs: int | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
 
     def conversation(self) -> list[dict]:
         out = []
@@ -140,8 +158,6 @@ class ChatCompletionRequest(_Common):
     def requested_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise bad_request("top_logprobs must be between 0 and 20", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
@@ -149,9 +165,10 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int]
+             | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)])
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKEN_INT)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
     suffix: Any = None
@@ -176,6 +193,9 @@ class CompletionRequest(_Common):
         return list(p)
 
 
+DICT_FIELDS = ("logit_bias", "chat_template_kwargs")
+
+
 def _param(loc: tuple) -> str | None:
     parts = []
     for part in loc:
@@ -185,6 +205,8 @@ def _param(loc: tuple) -> str | None:
             break
         else:
             parts.append(("." if parts else "") + part)
+            if part in DICT_FIELDS:  # what follows is the client's key: the field is the param
+                break
     return "".join(parts) or None
 
 
@@ -193,7 +215,9 @@ def parse(model: type[Strict], raw: bytes):
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
+        raise bad_request(f"the request body is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
@@ -217,7 +241,7 @@ def require_json(content_type: str | None) -> None:
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
@@ -228,7 +252,7 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: Annotated[list[int], Field(max_length=MAX_DETOKENIZE)]
 
     def check_supported(self) -> None:
         pass

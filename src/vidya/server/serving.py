@@ -32,11 +32,14 @@ class Job:
 
 
 class Serving:
-    def __init__(self, llm: AsyncLLM, model_names: list[str], max_tokens_default: int | None) -> None:
+    def __init__(self, llm: AsyncLLM, model_names: list[str], max_tokens_default: int | None,
+                 max_sequences: int = 128, max_logprob_entries: int = 1 << 18) -> None:
         self.llm = llm
         self.engine = llm.engine
         self.model_names = model_names
         self.max_tokens_default = max_tokens_default
+        self.max_sequences = max_sequences  # sequences one request may start (n x prompts)
+        self.max_logprob_entries = max_logprob_entries  # sequences x max_tokens x (1 + top logprobs)
 
     # ---- preparing ---------------------------------------------------------------------------
     def model_name(self, asked: str | None) -> str:
@@ -52,18 +55,33 @@ class Serving:
         room = self.engine.max_model_len - num_prompt
         return min(default, room) if default and room >= 1 else None
 
+    def _check_sequences(self, num: int, param: str) -> None:
+        if num > self.max_sequences:
+            raise bad_request(f"this request would start {num} sequences; this server allows at most "
+                              f"{self.max_sequences} per request (n times the number of prompts)", param=param)
+
     def _job(self, ids: list[int], text: str, req, asked_max: int | None, fallback: int | None,
-             logprobs: int | None, first_index: int, prompt_param: str) -> Job:
+             logprobs: int | None, first_index: int, prompt_param: str, num_jobs: int = 1) -> Job:
         params = req.sampling_params(self._max_tokens(asked_max, len(ids), fallback), logprobs)
         try:
-            self.engine.validate(ids, params)
+            max_tokens = self.engine.validate(ids, params)
         except ContextLengthExceeded as e:
             raise bad_request(str(e), param=prompt_param, code="context_length_exceeded") from None
         except ValueError as e:
-            raise bad_request(str(e), param=prompt_param) from None
+            name = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), param=name if name in ("logit_bias", "stop_token_ids") else prompt_param) from None
+        if logprobs is not None:
+            entries = num_jobs * params.n * max_tokens * (1 + logprobs)
+            if entries > self.max_logprob_entries:
+                raise bad_request(
+                    f"logprobs for {num_jobs * params.n} sequences x {max_tokens} tokens x {1 + logprobs} "
+                    f"alternatives = {entries} entries, over this server's limit of {self.max_logprob_entries}; "
+                    f"lower n, max_tokens or the number of top logprobs",
+                    param="top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs")
         return Job(ids, text, params, first_index)
 
     async def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:
+        self._check_sequences(req.n, "n")
         conversation = req.conversation()
 
         def render() -> tuple[str, list[int]]:
@@ -77,8 +95,8 @@ class Serving:
         return [self._job(ids, text, req, req.requested_max_tokens(), None, req.requested_logprobs(), 0, "messages")]
 
     async def completion_jobs(self, req: CompletionRequest) -> list[Job]:
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise bad_request("logprobs must be between 0 and 20", param="logprobs")
+        prompts = req.prompts()
+        self._check_sequences(len(prompts) * req.n, "n" if len(prompts) == 1 else "prompt")
 
         def render(p: str | list[int]) -> tuple[str, list[int]]:
             if isinstance(p, str):
@@ -86,9 +104,9 @@ class Serving:
             return self.engine.tokenizer.decode(p), list(p)
 
         jobs = []
-        for i, p in enumerate(req.prompts()):
+        for i, p in enumerate(prompts):
             text, ids = await asyncio.to_thread(render, p)
-            jobs.append(self._job(ids, text, req, req.max_tokens, 16, req.logprobs, i * req.n, "prompt"))
+            jobs.append(self._job(ids, text, req, req.max_tokens, 16, req.logprobs, i * req.n, "prompt", len(prompts)))
         return jobs
 
     # ---- running -----------------------------------------------------------------------------
@@ -144,15 +162,17 @@ def finish_reason(c: CompletionOutput) -> str | None:
     return c.finish_reason if c.finish_reason in ("stop", "length") else None
 
 
-def chat_logprobs(entries, k: int) -> dict:
+def chat_logprobs(entries, k: int, token_bytes, skip_special_tokens: bool = True) -> dict:
+    """OpenAI's chat logprobs; `bytes` are each token's own raw bytes (token_bytes), so that
+    they join into the content even where a token holds part of a character."""
     content = []
     for entry in entries:
         (tid, lp), *_ = entry.items()
-        top = sorted((x for x in entry.values() if x.rank <= k), key=lambda x: x.rank)[:k]
+        top = sorted(((i, x) for i, x in entry.items() if x.rank <= k), key=lambda ix: ix[1].rank)[:k]
         content.append({"token": lp.decoded_token, "logprob": lp.logprob,
-                        "bytes": list(lp.decoded_token.encode()),
+                        "bytes": list(token_bytes(tid, skip_special_tokens)),
                         "top_logprobs": [{"token": t.decoded_token, "logprob": t.logprob,
-                                          "bytes": list(t.decoded_token.encode())} for t in top]})
+                                          "bytes": list(token_bytes(i, skip_special_tokens))} for i, t in top]})
     return {"content": content}
 
 
@@ -168,12 +188,14 @@ def completion_logprobs(entries, k: int, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, jobs: list[Job], outputs: list[RequestOutput]) -> dict:
+def chat_response(rid: str, model: str, jobs: list[Job], outputs: list[RequestOutput], token_bytes) -> dict:
     choices = []
-    k = jobs[0].params.logprobs
+    params = jobs[0].params
     for c in outputs[0].outputs:
+        lps = chat_logprobs(c.logprobs, params.logprobs, token_bytes, params.skip_special_tokens) \
+            if c.logprobs is not None else None
         choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": chat_logprobs(c.logprobs, k) if c.logprobs is not None else None,
+                        "logprobs": lps,
                         "finish_reason": finish_reason(c)})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(jobs, outputs)}

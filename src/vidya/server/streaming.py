@@ -78,7 +78,9 @@ async def chat_stream(serving: Serving, rid: str, model: str, jobs: list[Job],
                 continue
             delta, new = cur.advance(c)
             if delta or new:
-                yield chunk(index, {"content": delta}, chat_logprobs(new, k) if new is not None else None)
+                lps = chat_logprobs(new, k, serving.engine.token_bytes, jobs[0].params.skip_special_tokens) \
+                    if new is not None else None
+                yield chunk(index, {"content": delta}, lps)
             if c.finished and finish_reason(c):
                 cur.done = True
                 yield chunk(index, {}, None, finish_reason(c))

@@ -154,3 +154,59 @@ def test_text_parts_and_developer_role(client):
     same = client.chat.completions.create(model="smollm2", max_tokens=4, temperature=0, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is water?"}])
     assert resp.choices[0].message.content == same.choices[0].message.content
+
+
+def reassembles(content: str, pieces: list[bytes], finish_reason: str) -> bool:
+    """The logprob entries' bytes joined give the content's UTF-8; a reply cut by max_tokens may
+    end inside a character, whose bytes the content does not show yet."""
+    joined, text = b"".join(pieces), content.encode("utf-8")
+    if finish_reason == "length":
+        return joined.startswith(text) and len(joined) - len(text) < 4
+    return joined == text
+
+
+def test_logprob_bytes_reassemble_hindi_and_emoji_content(client, server):
+    # greedy SmolLM2 echoes these: Devanagari (3-byte characters) and emoji (4 bytes), both split
+    # across byte-level tokens
+    for prompt, script in (("Repeat exactly: नमस्ते दुनिया, आप कैसे हैं?", "\u0928"),
+                           ("Repeat these emoji: 😀🎉🚀👍", "\U0001F44D")):
+        kwargs = dict(model="smollm2", messages=[{"role": "user", "content": prompt}], temperature=0,
+                      max_tokens=40, logprobs=True, top_logprobs=2)
+        whole = client.chat.completions.create(**kwargs)
+        choice = whole.choices[0]
+        assert script in choice.message.content  # the test runs the path it names
+        entries = choice.logprobs.content
+        assert any(bytes(e.bytes).decode("utf-8", "replace") != e.token or "\ufffd" in e.token for e in entries) \
+            or any(len(e.bytes) % 3 for e in entries)  # at least one token holds part of a character
+        assert reassembles(choice.message.content, [bytes(e.bytes) for e in entries], choice.finish_reason)
+        for e in entries:  # greedy: the first alternative is the chosen token, with the same bytes
+            assert e.top_logprobs[0].bytes == e.bytes and e.top_logprobs[0].logprob == e.logprob
+            assert all(t.bytes or t.token == "<|im_end|>" for t in e.top_logprobs)  # a skipped special adds nothing
+
+        events = sse_events(server, "/v1/chat/completions", {**kwargs, "stream": True})
+        text, pieces, reason = "", [], None
+        for ch in (json.loads(e) for e in events[:-1]):
+            c = ch["choices"][0]
+            text += c["delta"].get("content") or ""
+            pieces += [bytes(e["bytes"]) for e in (c.get("logprobs") or {}).get("content") or []]
+            reason = c["finish_reason"] or reason
+        assert text == choice.message.content and reason == choice.finish_reason
+        assert reassembles(text, pieces, reason)
+
+
+def test_token_bytes_match_the_tokenizer_over_the_whole_vocabulary(smollm2_tokenizer):
+    from vidya.engine.token_bytes import TokenBytes
+    tb = TokenBytes(smollm2_tokenizer)
+    special = set(smollm2_tokenizer.all_special_ids)
+    partial = 0
+    for i in range(len(smollm2_tokenizer)):
+        raw = tb(i, skip_special_tokens=False)
+        text = smollm2_tokenizer.decode([i])
+        if "\ufffd" in text:  # part of a character: the raw bytes are not valid UTF-8 alone
+            partial += 1
+            assert raw.decode("utf-8", "replace") == text or b"\xef\xbf\xbd" not in raw
+        else:
+            assert raw == text.encode("utf-8"), (i, raw, text)
+        if i in special:
+            assert tb(i, skip_special_tokens=True) == b""
+    assert partial > 100  # the vocabulary has byte tokens that split characters

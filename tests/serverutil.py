@@ -61,6 +61,14 @@ class LiveServer:
                 return float(m.group(2))
         raise AssertionError(f"metric {name} {labels} not exported")
 
+    def rss_mib(self) -> float:
+        """The server process's resident memory, MiB (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS in /proc/PID/status")
+
     def terminate(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

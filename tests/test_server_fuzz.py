@@ -113,14 +113,6 @@ requests_ = st.one_of(
 )
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def check_answer(r: httpx.Response, body_text: bytes) -> None:
     assert r.status_code in STATUSES, (r.status_code, body_text[:300], r.text[:500])
     if r.status_code == 200:
@@ -156,7 +148,7 @@ def test_fuzzed_bodies_get_200_or_an_openai_4xx_and_change_nothing(fuzz_server):
                  {**GREEDY, "stream": True, "logprobs": True, "top_logprobs": 20}):
         assert client.post("/v1/chat/completions", json=body).status_code == 200
     before = client.post("/v1/chat/completions", json=GREEDY).json()["choices"][0]["message"]["content"]
-    start = rss_mib(s.proc.pid)
+    start = s.rss_mib()
     seen = {"count": 0, "slowest": 0.0, "peak": start, "statuses": {}}
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -177,11 +169,11 @@ def test_fuzzed_bodies_get_200_or_an_openai_4xx_and_change_nothing(fuzz_server):
         seen["slowest"] = max(seen["slowest"], took)
         seen["statuses"][r.status_code] = seen["statuses"].get(r.status_code, 0) + 1
         if seen["count"] % 25 == 0:
-            seen["peak"] = max(seen["peak"], rss_mib(s.proc.pid))
+            seen["peak"] = max(seen["peak"], s.rss_mib())
             assert seen["peak"] - start < RSS_GROWTH_MIB, (seen, raw[:300])
 
     one()
-    seen["peak"] = max(seen["peak"], rss_mib(s.proc.pid))
+    seen["peak"] = max(seen["peak"], s.rss_mib())
     print(f"\nfuzz: {seen['count']} bodies, statuses {seen['statuses']}, slowest {seen['slowest']:.2f} s, "
           f"RSS {start:.0f} MiB at start, peak {seen['peak']:.0f} MiB")
     assert seen["count"] >= EXAMPLES

@@ -2,6 +2,7 @@
 (503, the stream in flight finishes, exit 0), and a wrong --model refused before the port opens."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -121,3 +122,72 @@ def test_wrong_model_is_refused_before_serving():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def worst_request(server) -> dict:
+    """The heaviest body the edge accepts (issue 14's fuzzer could build it): n = 128 on a
+    prompt near the context window, every token left, logprobs with as many alternatives as the
+    server's logprob cap allows, streamed."""
+    prompt = "शब्द " * 290
+    n_prompt = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": prompt}]}).json()["count"]
+    left = 2048 - n_prompt
+    top = min(20, (1 << 18) // (128 * left) - 1)
+    assert left > 100 and top >= 1
+    return {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "n": 128, "max_tokens": left,
+            "logprobs": True, "top_logprobs": top, "ignore_eos": True, "stream": True, "temperature": 1}
+
+
+def stream_events(url: str, body: dict, out: dict) -> threading.Thread:
+    def run():
+        out["events"] = []
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+                out["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        out["events"].append(line[6:])
+        except httpx.HTTPError as e:
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_sigterm_during_the_worst_request_exits_within_the_timeout_and_a_second_signal_at_once():
+    shutdown_timeout = 3
+    args = ("--max-model-len", "2048", "--max-num-seqs", "128", "--no-tutor-warmup",
+            "--shutdown-timeout", str(shutdown_timeout))
+    one, two = LiveServer(*args, wait=False), LiveServer(*args[:-1], "600", wait=False)
+    try:
+        one.wait_ready(300)
+        two.wait_ready(300)
+        outs = [{}, {}]
+        threads = [stream_events(s.url, worst_request(s), o) for s, o in zip((one, two), outs)]
+        wait_for(lambda: one.metric("num_requests_running") == 128 and two.metric("num_requests_running") == 128, 120)
+        time.sleep(1)  # deep in the request: its prompt and first tokens are being computed
+
+        t0 = time.monotonic()
+        one.proc.send_signal(15)
+        assert one.proc.wait(shutdown_timeout + 10) == 0
+        took = time.monotonic() - t0
+        threads[0].join(10)
+        # the stream in flight was cut with an OpenAI error event (503), not left hanging
+        assert outs[0]["status"] == 200 and outs[0]["events"][-1] == "[DONE]", outs[0]
+        err = json.loads(outs[0]["events"][-2])["error"]
+        assert err["code"] == 503 or "shutting down" in err["message"], err
+
+        two.proc.send_signal(15)
+        wait_for(lambda: "drain" in two.log() or httpx.get(two.url + "/health").status_code == 503, timeout=5)
+        t1 = time.monotonic()
+        two.proc.send_signal(15)
+        assert two.proc.wait(5) == 128 + 15
+        at_once = time.monotonic() - t1
+        print(f"\nSIGTERM during the worst request: exit 0 after {took:.1f} s (--shutdown-timeout {shutdown_timeout}); "
+              f"a second signal: exit after {at_once:.2f} s")
+        assert took < shutdown_timeout + 5
+        assert at_once < 2
+        for s in (one, two):
+            assert "Traceback" not in s.log(), s.log()[-3000:]
+    finally:
+        one.terminate()
+        two.terminate()

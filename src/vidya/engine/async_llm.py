@@ -84,10 +84,21 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def shutdown(self) -> None:
+    def fail_open_requests(self, message: str) -> int:
+        """End every open request's stream with EngineDeadError(message) (their generate() then
+        aborts them in the engine); a drain that ran out of time calls this. Returns how many."""
+        open_ids = list(self._streams)
+        for rid in open_ids:
+            self._deliver(rid, EngineDeadError(message))
+        return len(open_ids)
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop the engine thread after its current step; wait at most `timeout` seconds.
+        Returns whether it stopped (a long step may still run: the thread is a daemon)."""
         self._stop.set()
         self._commands.put(("wake",))
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     # ---- engine thread ---------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:

@@ -4,8 +4,9 @@ Lifecycle:
   1. the port opens at once; the model loads in a thread (`/health` 503 until it is ready);
   2. serving;
   3. SIGTERM (or Ctrl-C): `/health` and new requests answer 503, requests in flight finish,
-     for at most `--shutdown-timeout` seconds; then the process exits 0. A second signal
-     stops at once.
+     for at most `--shutdown-timeout` seconds; those still open then end with a 503 error
+     (event), the engine stops after its current step (waited for at most ENGINE_STOP_S) and
+     the process exits 0. A second signal exits at once (status 128 + the signal).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from vidya.tutor.warmup import system_prefixes
 
 log = logging.getLogger("vidya.server")
 
+CUT_GRACE_S = 1.0  # after the drain's deadline, time for the cut requests to send their error
+ENGINE_STOP_S = 2.0  # after uvicorn has stopped, time for the engine's current step to end
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, but a stop signal first drains: the socket stays open so load balancers and
@@ -37,11 +41,13 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.shutdown_timeout = shutdown_timeout
         self.drain_started: float | None = None
+        self.cut_at: float | None = None
 
-    def handle_exit(self, sig: int, frame) -> None:  # runs in the signal handler: flags only
+    def handle_exit(self, sig: int, frame) -> None:  # runs in the signal handler
         if self.drain_started is not None:
-            self.should_exit = self.force_exit = True
-            return
+            # a second signal: whatever runs (a long engine step, tasks being cancelled) is dropped
+            print(f"vidya: second signal, exiting now ({self.state.in_flight} requests cut)", file=sys.stderr, flush=True)
+            os._exit(128 + sig)
         self.drain_started = time.monotonic()
         self.state.draining = True
 
@@ -50,11 +56,16 @@ class DrainingServer(uvicorn.Server):
             return True
         if self.drain_started is None:
             return False
-        done = self.state.in_flight == 0
-        late = time.monotonic() - self.drain_started > self.shutdown_timeout
-        if done or late:
+        now = time.monotonic()
+        if self.state.in_flight and self.cut_at is None and now - self.drain_started > self.shutdown_timeout:
+            # out of time: the requests still open end now, each with a 503 error (event)
+            self.cut_at = now
+            if self.state.llm is not None:
+                self.state.llm.fail_open_requests("the server is shutting down; retry the request")
+        done = self.state.in_flight == 0 or (self.cut_at is not None and now - self.cut_at > CUT_GRACE_S)
+        if done:
             print(f"vidya: drained ({self.state.in_flight} requests still open), exiting", file=sys.stderr, flush=True)
-        return done or late
+        return done
 
 
 def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, server: DrainingServer) -> None:
@@ -90,9 +101,13 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
     threading.Thread(target=load_engine, args=(args, settings, state, server), name="vidya-load", daemon=True).start()
     _lower_priority_of_this_thread()
     server.run()
-    if state.llm is not None:
-        state.llm.shutdown()
-    return 1 if state.load_error or not server.started else 0
+    code = 1 if state.load_error or not server.started else 0
+    if state.llm is not None and not state.llm.shutdown(timeout=ENGINE_STOP_S):
+        # a step still runs in C++ code: leave without finalizing the interpreter under it
+        print("vidya: the engine's last step did not end in time; exiting without it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _lower_priority_of_this_thread(niceness: int = 10) -> None:

@@ -1,0 +1,158 @@
+"""A soak of a live `vidya serve` (issue 14), bounded in time, loopback only: thousands of mixed
+requests in bursts (streams read to the end, non-streams, n > 1, streams cut at random moments,
+prompts over the context window, 429s past the queue cap) and a disconnect storm of 128 streams;
+then no KV block is in use, the running and waiting gauges are 0, `/health` is 200, the RSS is
+back within 10% of where it started and a greedy answer equals the one taken before.
+
+The server runs a tiny random-weight Llama with the default model's tokenizer (thousands of
+requests in about a minute on 2 cores); the server, scheduler and KV cache are the same code as
+on any model."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import pytest
+
+from serverutil import LiveServer
+
+MAX_NUM_SEQS, MAX_WAITING, MAX_MODEL_LEN = 64, 128, 256
+ROUNDS, BURST = 8, 320  # 2,560 mixed requests; a burst is more than running + waiting can hold
+STORM = 128
+RSS_TOLERANCE = 0.10
+TIME_LIMIT_S = 420
+
+SYSTEM = {"role": "system", "content": "You are a Hindi study tutor."}
+GREEDY = {"model": "tiny", "messages": [SYSTEM, {"role": "user", "content": "प्रकाश संश्लेषण समझाइए"}],
+          "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def soak_server(tiny_models):
+    model_dir, _ = tiny_models["llama"]
+    s = LiveServer("--model", model_dir, "--served-model-name", "tiny", "--dtype", "float32",
+                   "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+                   "--max-waiting", str(MAX_WAITING), "--kv-cache-memory", "0.25", "--no-tutor-warmup")
+    yield s
+    s.terminate()
+
+
+def body_for(i: int, rng: random.Random) -> tuple[str, dict, int | None]:
+    """(kind, body, chunks to read before hanging up or None)"""
+    user = {"role": "user", "content": f"प्रश्न {i}: संख्या {i} समझाइए"}
+    base = {"model": "tiny", "messages": [SYSTEM, user], "max_tokens": rng.randint(1, 24),
+            "temperature": rng.choice([0, 0.7, 1.0]), "seed": i}
+    kind = ("stream", "whole", "n", "cut", "too long", "stream logprobs")[i % 6]
+    if kind == "n":
+        return kind, {**base, "n": rng.randint(2, 8)}, None
+    if kind == "cut":
+        return kind, {**base, "stream": True, "max_tokens": 200, "ignore_eos": True}, rng.randint(0, 6)
+    if kind == "too long":
+        return kind, {**base, "messages": [SYSTEM, {"role": "user", "content": "शब्द " * 400}]}, None
+    if kind == "stream logprobs":
+        return kind, {**base, "stream": True, "logprobs": True, "top_logprobs": 3,
+                      "stream_options": {"include_usage": True}}, None
+    return kind, {**base, "stream": kind == "stream"}, None
+
+
+async def one(http: httpx.AsyncClient, kind: str, body: dict, cut: int | None) -> tuple[str, int]:
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            err = json.loads(await r.aread())["error"]
+            assert err["message"] and err["type"], err
+            if r.status_code == 400:
+                assert err["code"] == "context_length_exceeded" and kind == "too long", err
+            else:
+                assert r.status_code == 429 and err["code"] == "rate_limit_exceeded", (r.status_code, err)
+                assert int(r.headers["retry-after"]) >= 1
+            return kind, r.status_code
+        assert kind != "too long"
+        if not body.get("stream"):
+            data = json.loads(await r.aread())
+            assert len(data["choices"]) == body.get("n", 1) and all(c["finish_reason"] for c in data["choices"])
+            return kind, 200
+        events = 0
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events += 1
+                if cut is not None and events > cut:
+                    return "cut", 200  # leaving the block hangs up mid-stream
+                if line != "data: [DONE]":
+                    assert "error" not in json.loads(line[6:]), line
+        assert cut is None, "a stream meant to be cut ended first"
+        return kind, 200
+
+
+async def burst(url: str, items: list[tuple[str, dict, int | None]]) -> list[tuple[str, int]]:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=BURST + 8)) as http:
+        return await asyncio.gather(*(one(http, *it) for it in items))
+
+
+async def storm(url: str, rng: random.Random) -> int:
+    """128 long streams, each hung up at a random moment: before its headers, or after 0-40 events."""
+    async def cut_one(http, i):
+        body = {**GREEDY, "messages": [SYSTEM, {"role": "user", "content": f"कहानी {i}"}], "max_tokens": 200,
+                "stream": True, "temperature": 1.0, "seed": i}
+        wait = rng.uniform(0, 1.5)
+        try:
+            async with asyncio.timeout(wait):
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_lines():
+                        pass
+        except TimeoutError:
+            return 1
+        return 0
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=STORM + 8)) as http:
+        return sum(await asyncio.gather(*(cut_one(http, i) for i in range(STORM))))
+
+
+def wait_idle(server, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gauges = [server.metric(g) for g in ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")]
+        if gauges == [0, 0, 0]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not idle after {timeout} s: kv, running, waiting = {gauges}")
+
+
+def test_soak_mixed_requests_and_a_disconnect_storm_leave_nothing_behind(soak_server):
+    s = soak_server
+    t0 = time.monotonic()
+    rng = random.Random(14)
+    with httpx.Client(base_url=s.url, timeout=60) as client:
+        before = client.post("/v1/chat/completions", json=GREEDY).json()["choices"][0]["message"]["content"]
+        # a warm-up burst and storm, so the baseline RSS has met every path once
+        asyncio.run(burst(s.url, [body_for(i, rng) for i in range(BURST)]))
+        asyncio.run(storm(s.url, rng))
+        wait_idle(s)
+        start = s.rss_mib()
+        counts: dict[tuple[str, int], int] = {}
+        peak = start
+        for r in range(ROUNDS):
+            items = [body_for(r * BURST + i, rng) for i in range(BURST)]
+            for key in asyncio.run(burst(s.url, items)):
+                counts[key] = counts.get(key, 0) + 1
+            peak = max(peak, s.rss_mib())
+            if r == ROUNDS // 2:
+                cut = asyncio.run(storm(s.url, rng))
+                peak = max(peak, s.rss_mib())
+        wait_idle(s)
+        end = s.rss_mib()
+        took = time.monotonic() - t0
+        print(f"\nsoak: {sum(counts.values())} requests in {took:.0f} s, {sorted(counts.items())}, storm cut {cut}/{STORM}; "
+              f"RSS {start:.0f} MiB after warm-up, peak {peak:.0f}, end {end:.0f}")
+        assert sum(counts.values()) == ROUNDS * BURST
+        for kind in ("stream", "whole", "n", "cut", "stream logprobs"):
+            assert counts.get((kind, 200), 0) > 0, f"no {kind} request was served"
+        assert counts.get(("too long", 400), 0) > 0 and sum(v for (k, c), v in counts.items() if c == 429) > 0
+        assert cut > STORM // 2  # most storm streams were cut, not finished
+        assert client.get("/health").status_code == 200
+        assert abs(end - start) <= RSS_TOLERANCE * start, (start, end)
+        after = client.post("/v1/chat/completions", json=GREEDY).json()["choices"][0]["message"]["content"]
+        assert after == before
+        assert took < TIME_LIMIT_S

@@ -97,6 +97,10 @@ def test_full_queue_gets_429_with_retry_after(guarded):
     r = httpx.post(guarded.url + "/v1/chat/completions", json={**BODY, "max_tokens": 1}, headers=auth(KEYS[0]))
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    # a request that could never run gets its 400 even now: retrying it would not help
+    long = {**BODY, "messages": [{"role": "user", "content": "word " * 2000}]}
+    r = httpx.post(guarded.url + "/v1/chat/completions", json=long, headers=auth(KEYS[0]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     t1.join()
     t2.join()
     assert first["reason"] == "length" and second["reason"] == "length"

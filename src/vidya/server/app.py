@@ -202,8 +202,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         serving, req = await body_of(request, protocol.ChatCompletionRequest)
         model = serving.model_name(req.model)
+        jobs = await serving.chat_jobs(req)  # a request that can never run gets its 400, not a 429
         admit(serving.llm)
-        jobs = await serving.chat_jobs(req)
         rid = new_id("chatcmpl")
         if req.stream:
             return _sse(chat_stream(serving, rid, model, jobs, req.include_usage))
@@ -213,8 +213,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
     async def completions(request: Request):
         serving, req = await body_of(request, protocol.CompletionRequest)
         model = serving.model_name(req.model)
+        jobs = await serving.completion_jobs(req)  # a request that can never run gets its 400, not a 429
         admit(serving.llm)
-        jobs = await serving.completion_jobs(req)
         rid = new_id("cmpl")
         if req.stream:
             return _sse(completion_stream(serving, rid, model, jobs, req.echo, req.include_usage))

@@ -80,7 +80,9 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_models, tmp_path
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    expect_error("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", str(d))
+    expect_error("GPT2LMHeadModel", str(d))
+    expect_error("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, "
+                 "Gemma3ForConditionalGeneration", str(d))
 
 
 def test_truncated_weights(tiny_models, tmp_path):

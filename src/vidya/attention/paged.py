@@ -28,8 +28,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                     scale: float) -> torch.Tensor:
-    """q: [B, H, d] one query per sequence -> [B, H, d]."""
+                     scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [B, H, d] one query per sequence -> [B, H, d]; with a window, each query sees only its
+    sequence's last `window` positions."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     nblocks = -(-max_seq_len // bs)
@@ -39,40 +40,55 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     v = v_cache.index_select(0, flat).view(b, nblocks * bs, kvh, d)[:, :max_seq_len].to(q.dtype)
     qg = q.view(b, kvh, h // kvh, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * scale  # [B, kvh, g, L]
-    pad = torch.arange(max_seq_len, device=q.device)[None, :] >= seq_lens[:, None]
+    pos = torch.arange(max_seq_len, device=q.device)[None, :]
+    pad = pos >= seq_lens[:, None]
+    if window is not None:
+        pad |= pos <= seq_lens[:, None] - 1 - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(b, h, d)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
-    """q: [Q, H, d], the last Q positions of a sequence of seq_len tokens -> [Q, H, d]."""
+                      block_table: torch.Tensor, seq_len: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [Q, H, d], the last Q positions of a sequence of seq_len tokens -> [Q, H, d]; with a
+    window, position p sees positions p - window + 1 .. p (transformers' sliding window)."""
     qlen = q.shape[0]
     k = gather_kv(k_cache, block_table, seq_len).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
     v = gather_kv(v_cache, block_table, seq_len).to(q.dtype).transpose(0, 1).unsqueeze(0)
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, Q, d]
-    if qlen == seq_len:
+    if qlen == seq_len and window is None:
         out = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]
+        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)[:, None]
+        kpos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
         out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
     """q: [T, H, d]; k, v: [T, kvh, d] for the step's tokens. Writes k/v to the cache (in its
-    dtype), then attends every query to its sequence's cached keys (causally). Returns [T, H, d]."""
+    dtype), then attends every query to its sequence's cached keys (causally, within the last
+    `window` positions where one is given). Returns [T, H, d]."""
     write_kv(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping)
+    return attend(q, k_cache, v_cache, meta, scale, window)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+           scale: float, window: int | None = None) -> torch.Tensor:
+    """The attention of `paged_attention` over a cache the step's K/V are already in."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         lens = meta.seq_lens[:nd]
-        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens, int(lens.max()), scale)
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens, int(lens.max()), scale, window)
     starts = meta.query_starts
     for i in range(nd, len(starts) - 1):
         a, b = starts[i], starts[i + 1]
-        out[a:b] = prefill_attention(q[a:b], k_cache, v_cache, meta.block_tables[i], int(meta.seq_lens[i]), scale)
+        out[a:b] = prefill_attention(q[a:b], k_cache, v_cache, meta.block_tables[i], int(meta.seq_lens[i]), scale, window)
     return out

@@ -19,7 +19,7 @@ from vidya.engine.sampler import Sampler, SamplerOutput
 from vidya.engine.scheduler import Scheduler
 from vidya.engine.stats import EngineStats
 from vidya.engine.token_bytes import TokenBytes
-from vidya.models import loader
+from vidya.models import loader, registry
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
 from vidya.platform import resolve_platform
@@ -94,8 +94,9 @@ class LLMEngine:
     def _max_model_len(self, asked: int | None) -> int:
         limit = int(getattr(self.model_config, "max_position_embeddings", 2048) or 2048)
         window = getattr(self.model_config, "sliding_window", None)
-        if window and getattr(self.model_config, "use_sliding_window", True) is not False:
-            limit = min(limit, int(window))  # sliding-window attention is not implemented: stay inside it
+        if (window and getattr(self.model_config, "use_sliding_window", True) is not False
+                and not registry.implements_sliding_window(self.model_config)):
+            limit = min(limit, int(window))  # this family's sliding window is not implemented: stay inside it
         if asked is None:
             return limit
         if asked > limit:

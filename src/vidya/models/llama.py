@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2) for flat batches: every token of a step in one
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) for flat batches: every token of a step in one
 `[num_tokens, hidden]` tensor, no padding. Written once, against the ops of `vidya.ops`: the
 same forward runs the torch reference, the C++ CPU kernels, or any other backend. Parameter names are Hugging Face's, except that q/k/v
 and gate/up run as one matmul each (`qkv_proj`, `gate_up_proj`): `checkpoint_slices` maps a
@@ -12,7 +12,6 @@ from torch import nn
 from vidya.attention import AttentionMetadata
 from vidya.models.rope import RotaryEmbedding
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # checkpoint projection -> (our fused projection, its part index)
 PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -45,12 +44,14 @@ def plain_weight(m: nn.Module) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Holds the weight and eps; `ops.add_rms_norm` computes it."""
+    """Holds the weight and eps; `ops.add_rms_norm` computes it. `offset` 1 for models whose
+    checkpoints store w of x * (1 + w) (Gemma): the loader adds it to the weight, once."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
 
 def head_dim_of(config) -> int:
@@ -58,7 +59,12 @@ def head_dim_of(config) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, qkv_bias: bool) -> None:
+    """q/k/v in one projection; `q_norm`/`k_norm` (RMSNorm over each head, before RoPE) where the
+    family has them (Qwen3, Gemma 3); `sliding_window` set on a layer that attends only to its
+    last that many positions (Gemma 3's local layers)."""
+
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool = False, layer_type: str | None = None,
+                 norm_offset: float = 0.0) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -69,19 +75,24 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=bias)
         self.parts = {"qkv_proj": (self.q_size, self.kv_size, self.kv_size)}
         self.o_proj = Linear(self.num_heads * d, h, bias=bool(getattr(config, "attention_bias", False)) and not qkv_bias)
-        self.scale = d ** -0.5
+        self.scale = (getattr(config, "query_pre_attn_scalar", None) or d) ** -0.5
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, norm_offset) if qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, norm_offset) if qk_norm else None
+        self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
 
     def forward(self, x, rope, kv_cache, meta, ops):
         qkv = ops.linear(self.qkv_proj, x)
+        if self.q_norm is not None:
+            qkv = ops.qk_norm(self, qkv)
         return ops.linear(self.o_proj, ops.rope_attention(self, qkv, rope, kv_cache, meta))
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, act: str | None = None) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.act = getattr(config, "hidden_act", "silu")
+        self.act = act or getattr(config, "hidden_act", "silu")
         self.gate_up_proj = Linear(h, 2 * i, bias=bias)
         self.parts = {"gate_up_proj": (i, i)}
         self.down_proj = Linear(i, h, bias=bias)
@@ -94,11 +105,10 @@ class DecoderLayer(nn.Module):
     """Pre-norm: x -> norm -> attention -> + -> norm -> MLP -> +, with the residual stream
     carried beside x so each norm adds into it (`ops.add_rms_norm`)."""
 
-    kind = "llama"  # what a backend's fused decoder stack checks it can run
-
-    def __init__(self, config, qkv_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = Attention(config, qkv_bias)
+        self.kind = "qwen3" if qk_norm else "llama"  # what a backend's fused decoder stack checks it can run
+        self.self_attn = Attention(config, qkv_bias, qk_norm)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -111,10 +121,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_positions: int, qkv_bias: bool) -> None:
+    def __init__(self, config, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), max_positions)
 
@@ -131,22 +141,27 @@ class LlamaModel(nn.Module):
         return ops.add_rms_norm(x, residual, self.norm)[0]
 
 
-class LlamaForCausalLM(nn.Module):
-    """Also serves MistralForCausalLM and Qwen2ForCausalLM (bias on q/k/v)."""
+class CausalLM(nn.Module):
+    """What every model gives the loader and the runner: `model` (embeddings, layers, final
+    norm), `lm_head`, and the map between checkpoint names and its fused parameters."""
 
-    def __init__(self, config, max_positions: int) -> None:
-        super().__init__()
-        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
-        self.config = config
-        self.model = LlamaModel(config, max_positions, qkv_bias=arch == "Qwen2ForCausalLM")
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+    model: nn.Module
+    lm_head: Linear
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata, ops) -> torch.Tensor:
         """The final hidden rows of a flat batch, every op run by `ops` (vidya.ops)."""
         return self.model(input_ids, positions, kv_caches, meta, ops)
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        """A checkpoint tensor's name as this model calls it; None for tensors it does not use."""
+        return name
+
+    def norm_offsets(self) -> dict[str, float]:
+        """Parameter name -> what the loader adds to the checkpoint's value (Gemma's 1 + w)."""
+        return {f"{name}.weight": m.offset for name, m in self.named_modules()
+                if isinstance(m, RMSNorm) and m.offset}
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int, int]]:
         """Checkpoint tensor name -> (our parameter name, first row, number of rows)."""
@@ -172,4 +187,23 @@ class LlamaForCausalLM(nn.Module):
         for name, m in self.named_modules(remove_duplicate=False):
             if getattr(m, "released", False):
                 params[f"{name}.weight"] = plain_weight(m)
-        return {ck: params[name][start:start + n] for ck, (name, start, n) in self.checkpoint_slices().items()}
+        offsets = self.norm_offsets()
+        return {ck: params[name][start:start + n] - offsets.get(name, 0)
+                for ck, (name, start, n) in self.checkpoint_slices().items()}
+
+
+class LlamaForCausalLM(CausalLM):
+    """Also serves MistralForCausalLM, Qwen2ForCausalLM (bias on q/k/v) and Qwen3ForCausalLM
+    (q/k RMSNorm)."""
+
+    def __init__(self, config, max_positions: int) -> None:
+        super().__init__()
+        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError(f"{arch} with use_sliding_window is not supported")
+        self.config = config
+        self.model = LlamaModel(config, max_positions, qkv_bias=arch == "Qwen2ForCausalLM",
+                                qk_norm=arch == "Qwen3ForCausalLM")
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight

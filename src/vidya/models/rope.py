@@ -7,9 +7,12 @@ import math
 import torch
 
 
-def rope_parameters(config) -> dict:
-    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
+def rope_parameters(config, layer_type: str | None = None) -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters` (per layer type where layers differ,
+    as Gemma 3's sliding and full attention); 4.x in rope_theta/rope_scaling."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        return {"rope_type": "default", **params[layer_type]}
     scaling = getattr(config, "rope_scaling", None) or {}
     for k, v in scaling.items():
         params.setdefault(k, v)
@@ -18,8 +21,8 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def inv_freq_for(config, head_dim: int) -> tuple[torch.Tensor, float]:
-    p = rope_parameters(config)
+def inv_freq_for(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    p = rope_parameters(config, layer_type)
     base = float(p["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = p["rope_type"]
@@ -42,9 +45,9 @@ def inv_freq_for(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, config, head_dim: int, max_positions: int) -> None:
+    def __init__(self, config, head_dim: int, max_positions: int, layer_type: str | None = None) -> None:
         super().__init__()
-        self._args = (config, head_dim, max_positions)
+        self._args = (config, head_dim, max_positions, layer_type)
         self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
         if self.cos.device.type != "meta":
@@ -52,8 +55,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def reset(self) -> None:
         """(Re)compute the tables in float32 on the buffers' device (after meta init)."""
-        config, head_dim, max_positions = self._args
-        inv_freq, scaling = inv_freq_for(config, head_dim)
+        config, head_dim, max_positions, layer_type = self._args
+        inv_freq, scaling = inv_freq_for(config, head_dim, layer_type)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -1,12 +1,14 @@
 """The ops every model is written against, and the one place that binds their implementation.
 
-A model's forward (vidya/models/llama.py) calls only these, so it exists once:
+A model's forward (vidya/models/llama.py, gemma3.py) calls only these, so it exists once:
 
     embed         token ids -> rows (in the activation dtype)
     linear        x W^T + b, over whatever copy of W the backend keeps (packed, 16-bit, ...)
     add_rms_norm  residual += x; x = RMSNorm(residual)     (the first layer: residual = x)
     gated_act     act(x W_gate^T) * (x W_up^T) from the fused gate_up projection
-    rope_attention  RoPE on q and k, K/V written to the paged cache, paged attention
+    qk_norm       RMSNorm over each head of q and k (Qwen3, Gemma 3)
+    rope_attention  RoPE on q and k, K/V written to the paged cache, paged attention (causal,
+                  or over the last `attn.sliding_window` positions)
     logits / argmax   the sampling head (argmax: the greedy pick without [rows, vocab] logits)
     first_max     the argmax of logits rows (the sampler's greedy pick)
     decoder_stack every layer of a step at once, where a backend builds one from the same layers

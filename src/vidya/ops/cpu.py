@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidya.attention.paged import prefill_attention
+from vidya.attention.paged import attend, prefill_attention
 from vidya.ops.torch_ops import TorchOps
 from vidya.platform import return_freed_memory
 
@@ -64,6 +64,8 @@ class CpuOps(TorchOps):
         torch.ops.vidya.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
                                       meta.slot_mapping)
         q = qkv[:, :h * d].view(qkv.shape[0], h, d)
+        if attn.sliding_window is not None:  # the kernels attend from position 0: the reference here
+            return attend(q, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window).reshape(qkv.shape[0], h * d)
         if not self.sdpa_prefill:
             out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
                                                   meta.row_ctx, attn.scale)

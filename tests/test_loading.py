@@ -107,3 +107,20 @@ def test_bad_engine_arguments():
         LLM("smollm2", dtype="float8")
     with pytest.raises(ValueError, match="block_size"):
         LLM("/nonexistent-but-block-size-first", block_size=0, show_progress=False)
+
+
+def test_generation_config_end_tokens_end_a_generation(tiny_models, tmp_path):
+    """Llama 3's <|eot_id|>, Gemma's <end_of_turn>: every eos id of generation_config.json stops."""
+    d = tmp_path / "two-eos"
+    shutil.copytree(tiny_models["llama"][0], d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["eos_token_id"] = [2, 7]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(d), dtype="float32", show_progress=False, max_model_len=256)
+    forced = SamplingParams(temperature=0, max_tokens=5, logit_bias={7: 100})
+    out = llm.generate([[5, 6, 8]], forced, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [7] and out.finish_reason == "stop"
+    ignored = SamplingParams(temperature=0, max_tokens=5, logit_bias={7: 100}, ignore_eos=True)
+    assert llm.generate([[5, 6, 8]], ignored, use_tqdm=False)[0].outputs[0].token_ids == [7] * 5
+    plain = LLM(tiny_models["llama"][0], dtype="float32", show_progress=False, max_model_len=256)
+    assert len(plain.generate([[5, 6, 8]], forced, use_tqdm=False)[0].outputs[0].token_ids) == 5

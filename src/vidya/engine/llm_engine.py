@@ -80,6 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, self.kv)
         self.sampler = Sampler(args.seed, self.ops.first_max)
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.eos_token_ids = loader.end_token_ids(src, self.model_config, self.tokenizer)
         self.states: dict[str, RequestState] = {}
         self.sample_of: dict[str, tuple[RequestState, SampleState]] = {}
         self.stats = EngineStats()
@@ -155,7 +156,7 @@ class LLMEngine:
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, params.for_child(i) if params.n > 1 else params,
-                            self.eos_token_id, max_tokens, arrival_time=state.arrival_time)
+                            self.eos_token_ids, max_tokens, arrival_time=state.arrival_time)
             detok = IncrementalDetokenizer.for_prompt(self.tokenizer, token_ids, params.skip_special_tokens)
             sample = SampleState(i, child, detok, [] if params.logprobs is not None else None)
             state.samples.append(sample)

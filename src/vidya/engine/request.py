@@ -38,7 +38,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None
+    eos_token_ids: frozenset[int] | None  # the model's end tokens (None: none); ignore_eos disables them
     max_tokens: int  # resolved: never None here
     arrival_time: float = field(default_factory=time.monotonic)
     all_token_ids: list[int] = field(default_factory=list)

@@ -92,7 +92,7 @@ class Sampler:
     def _needs_adjust(req: Request) -> bool:
         sp = req.sampling_params
         bans = req.num_output_tokens < sp.min_tokens and (
-            sp.stop_token_ids or (req.eos_token_id is not None and not sp.ignore_eos))
+            sp.stop_token_ids or (req.eos_token_ids and not sp.ignore_eos))
         return bool(sp.logit_bias) or bool(bans) or sp.uses_penalties
 
     @staticmethod
@@ -103,8 +103,8 @@ class Sampler:
             row[ids] += torch.tensor(list(sp.logit_bias.values()), dtype=row.dtype)
         if req.num_output_tokens < sp.min_tokens:
             banned = list(sp.stop_token_ids)
-            if req.eos_token_id is not None and not sp.ignore_eos:
-                banned.append(req.eos_token_id)
+            if req.eos_token_ids and not sp.ignore_eos:
+                banned.extend(req.eos_token_ids)
             if banned:
                 row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
         if sp.uses_penalties:

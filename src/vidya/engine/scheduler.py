@@ -156,7 +156,7 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         sp = req.sampling_params
         if req.num_output_tokens >= sp.min_tokens:
-            if not sp.ignore_eos and token == req.eos_token_id:
+            if not sp.ignore_eos and req.eos_token_ids and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in sp.stop_token_ids:
                 req.stop_reason = token

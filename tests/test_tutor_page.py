@@ -80,6 +80,10 @@ def test_the_page_serves_everything_itself_with_its_font(browser, server):
     assert browser.execute_script("return document.fonts.check('16px \"Noto Sans Devanagari\"', 'प्रकाश')")
     assert browser.title == "विद्या — अध्ययन सहायक"
     assert len(browser.find_elements("css selector", "#examples button")) == 4
+    # the embedded model is a demo, and the page says so, in Hindi and English, naming what to serve
+    notice = wait_for(lambda: browser.execute_script("const d = document.getElementById('demo'); return !d.hidden && d.innerText"))
+    assert "डेमो मॉडल" in notice and "demo model" in notice.lower() and "smollm2" in notice and "Gemma 3 4B" in notice
+    assert browser.execute_script("return document.getElementById('demo').getBoundingClientRect().height") < 130
     assert not severe_console_errors(browser)
 
 

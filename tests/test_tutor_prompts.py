@@ -65,3 +65,12 @@ def test_vidya_chat_offline_answers_then_quits_on_an_empty_line(tiny_models):
                        input="hello\n\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("शिक्षक> ") == 1 and r.stdout.count("छात्र> ") == 2
+
+
+def test_the_tutor_config_calls_a_small_model_a_demo(server):
+    import httpx
+    from vidya.tutor.routes import demo_notice
+    cfg = httpx.get(server.url + "/tutor/config").json()
+    assert cfg["ready"] and cfg["demo"]["size"] == "135M" and 1.2e8 < cfg["demo"]["parameters"] < 1.5e8
+    assert "Gemma 3 4B" in cfg["demo"]["recommended"]
+    assert demo_notice(8_000_000_000) is None and demo_notice(1_000_000_000)["size"] == "1.0B"

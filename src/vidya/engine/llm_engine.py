@@ -70,6 +70,7 @@ class LLMEngine:
         self._log(f"loading {args.model} ({'GGUF' if src.is_gguf else 'safetensors'})")
         model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
                                   progress=args.show_progress)
+        self.num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once
         cache = args.cache_config()
         sched_config = args.scheduler_config(self.max_model_len)
         max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)

@@ -247,7 +247,7 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         return {"prompt": serving.engine.tokenizer.decode(req.tokens)}
 
     from vidya.tutor.routes import add_tutor_routes
-    add_tutor_routes(app, settings.served_model_names[0])
+    add_tutor_routes(app, settings.served_model_names[0], lambda: state.serving and state.serving.engine)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -103,6 +103,16 @@
     }));
     render();
   }
+  function demoNotice() {  // in both languages whichever the interface shows: it is a warning
+    const d = config.demo;
+    $('demo').hidden = !d;
+    if (!d) return;
+    const [hi, en] = $('demo').children;
+    hi.textContent = `डेमो मॉडल (${config.model}, ${d.size}): उत्तर अक्सर गलत होंगे, भरोसा न करें। ` +
+      `पढ़ाई के लिए स्कूल चलाए: ${d.recommended}।`;
+    en.textContent = `Demo model (${config.model}, ${d.size}): answers will often be wrong; do not rely on them. ` +
+      `For study, serve: ${d.recommended}.`;
+  }
   function status(text) { $('status').textContent = text || ''; }
   function busy(on) { $('send').hidden = on; $('stop').hidden = !on; }
 
@@ -224,7 +234,14 @@
   $('klass').addEventListener('change', (e) => { state.klass = e.target.value; save(); });
 
   window.vidyaTutor = {trimHistory, dropOldestTurn, state};
-  fetch('/tutor/config').then((r) => r.json()).then((c) => { config = c; applyLang(); })
-    .catch(() => status(t('down')));
+  function loadConfig() {  // again until the model has loaded: the notice needs its size
+    fetch('/tutor/config').then((r) => r.json()).then((c) => {
+      config = c;
+      applyLang();
+      demoNotice();
+      if (!c.ready) setTimeout(loadConfig, 2000);
+    }).catch(() => status(t('down')));
+  }
+  loadConfig();
   applyLang();
 })();

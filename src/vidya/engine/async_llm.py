@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from vidya.config import EngineArgs
 from vidya.engine.llm_engine import LLMEngine
+from vidya.platform import return_freed_memory
 from vidya.outputs import RequestOutput
 from vidya.sampling_params import SamplingParams
 
@@ -140,6 +141,7 @@ class AsyncLLM:
                 return
 
     def _loop(self) -> None:
+        stepped = False
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished_requests()
@@ -151,9 +153,12 @@ class AsyncLLM:
                     while True:
                         self._apply(self._commands.get_nowait())
                 except queue.Empty:
-                    pass
+                    if block and stepped:  # idle for 0.5 s after work: give what the burst freed back
+                        return_freed_memory()
+                        stepped = False
                 if self.engine.has_unfinished_requests():
                     self._deliver_all(self.engine.step())
+                    stepped = True
         except BaseException as e:  # the engine died: fail every open stream, loudly
             self.error = e
             for rid in list(self._streams):

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", default=None, help="also write the report here")
     from vidya.bench import serve as bench_serve
     bench_serve.add_args(bsub.add_parser("serve", help="load-test a running OpenAI-compatible server"))
+    from vidya.bench import plan, sweep
+    sweep.add_args(bsub.add_parser("sweep", help="the tutor workload at rising concurrency against a running server"))
+    plan.add_args(sub.add_parser("plan", help="replicas and rupees from a sweep (vidya bench sweep --json)",
+                                 description=plan.__doc__.split("\n\n")[0]))
     return parser
 
 
@@ -181,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "serve":
             from vidya.bench.serve import main as bench_serve_main
             return bench_serve_main(args)
+        if args.command == "bench" and args.bench == "sweep":
+            from vidya.bench.sweep import main as sweep_main
+            return sweep_main(args)
+        if args.command == "plan":
+            from vidya.bench.plan import main as plan_main
+            return plan_main(args)
     except ValueError as e:  # user-fixable: bad flag values, model not found, ...
         print(f"vidya: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with content
     end: float = 0.0
     usage_tokens: int | None = None  # usage.completion_tokens from the final chunk, when sent
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when sent
     error: str | None = None
 
     @property
@@ -114,6 +115,7 @@ async def read_stream(resp: httpx.Response, r: RequestResult) -> None:
             r.chunk_times.append(now)
         if chunk.get("usage"):
             r.usage_tokens = chunk["usage"].get("completion_tokens")
+            r.prompt_tokens = chunk["usage"].get("prompt_tokens")
     raise RuntimeError("stream ended without data: [DONE]")
 
 

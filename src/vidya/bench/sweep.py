@@ -1,0 +1,134 @@
+"""`vidya bench sweep`: the tutor workload against any OpenAI-compatible server at rising
+concurrency, one level after another, recording per level what `vidya plan` needs: output tok/s,
+requests/s, TTFT / inter-token / end-to-end latency p50/p90/p99, errors, the tokens a request
+spends, and on a vidya server the peak KV-cache use and the preemptions during the level."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+import httpx
+
+from vidya.bench.serve import normalize_base_url, request_body, resolve_model, run_load, server_backend, summarize
+from vidya.bench.workload import load_workload
+
+DEFAULT_LEVELS = "1,8,16,32,64,128,256"
+SWEEP_VERSION = 1
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
+    p.add_argument("--workload", default=None, help="workload JSON (default: the packaged tutor-64.json)")
+    p.add_argument("--levels", default=DEFAULT_LEVELS, help=f"concurrency levels, comma-separated (default {DEFAULT_LEVELS})")
+    p.add_argument("--requests-per-level", type=int, default=None,
+                   help="requests at each level (default: 2 x the level, at least 16)")
+    p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--json", default=None, help="write the sweep here (the input of `vidya plan --sweep`)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated integers, got {text!r}") from None
+    if not levels or any(n < 1 for n in levels) or levels != sorted(set(levels)):
+        raise ValueError(f"--levels must be rising positive integers, got {text!r}")
+    return levels
+
+
+async def vidya_gauges(client: httpx.AsyncClient, root: str) -> dict[str, float]:
+    """KV use and preemptions from a vidya server's /metrics; {} from other servers."""
+    try:
+        text = (await client.get(root + "/metrics", timeout=10)).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for key in ("kv_cache_usage_perc", "num_preemptions_total"):
+        m = re.search(rf"^vidya:{key}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+        if m:
+            out[key] = float(m.group(1))
+    return out
+
+
+async def run_level(client: httpx.AsyncClient, base: str, bodies: list[dict], level: int, timeout: float) -> dict:
+    root = base.removesuffix("/v1")
+    before = await vidya_gauges(client, root)
+    peak_kv = [before.get("kv_cache_usage_perc")]
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            peak_kv.append((await vidya_gauges(client, root)).get("kv_cache_usage_perc"))
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await run_load(client, f"{base}/chat/completions", bodies, level, None, 0, timeout)
+    finally:
+        watcher.cancel()
+    after = await vidya_gauges(client, root)
+    ok = [r for r in results if r.error is None]
+    row = {"concurrency": level, "num_requests": len(results), **summarize(results),
+           "prompt_tokens_per_request": (sum(r.prompt_tokens or 0 for r in ok) / len(ok)) if ok else None,
+           "output_tokens_per_request": (sum(r.output_tokens for r in ok) / len(ok)) if ok else None}
+    seen = [x for x in peak_kv + [after.get("kv_cache_usage_perc")] if x is not None]
+    row["kv_cache_usage_peak"] = max(seen) if seen else None
+    row["preemptions"] = (after["num_preemptions_total"] - before["num_preemptions_total"]
+                          if "num_preemptions_total" in after and "num_preemptions_total" in before else None)
+    return row
+
+
+async def sweep(args, base: str, levels: list[int]) -> dict:
+    from tqdm import tqdm
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    workload = load_workload(args.workload)
+    rows = []
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=args.timeout) as client:
+        model = await resolve_model(client, base, args.model)
+        backend = await server_backend(client, base)
+        bar = tqdm(levels, desc="sweep", unit=" level", file=sys.stderr)
+        for level in bar:
+            n = args.requests_per_level or max(16, 2 * level)
+            convs = (workload.conversations * (n // len(workload.conversations) + 1))[:n]
+            bar.set_postfix_str(f"concurrency {level}, {n} requests")
+            row = await run_level(client, base, [request_body(workload, model, c) for c in convs], level, args.timeout)
+            rows.append(row)
+            bar.write(format_row(row))
+    return {"version": SWEEP_VERSION, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_url": base, "model": model, "workload": workload.name, "backend": backend, "levels": rows}
+
+
+def format_row(r: dict) -> str:
+    f = lambda v, spec=".0f": "-" if v is None else format(v, spec)  # noqa: E731
+    kv = "-" if r.get("kv_cache_usage_peak") is None else f"{100 * r['kv_cache_usage_peak']:.0f}%"
+    return (f"concurrency {r['concurrency']:>4}: {r['output_tok_s']:8.1f} tok/s {r['requests_s']:6.2f} req/s  "
+            f"TTFT p50/p99 {f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])} ms  e2e p99 {f(r['e2e_p99_ms'])} ms  "
+            f"failed {r['failed']}  KV peak {kv}  preemptions {f(r.get('preemptions'))}")
+
+
+def main(args) -> int:
+    base = normalize_base_url(args.base_url)
+    levels = parse_levels(args.levels)
+    if args.requests_per_level is not None and args.requests_per_level < 1:
+        raise ValueError(f"--requests-per-level must be at least 1, got {args.requests_per_level}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout:g}")
+    t0 = time.perf_counter()
+    result = asyncio.run(sweep(args, base, levels))
+    print(f"sweep of {base} ({result['model']}, {result['workload']}): {len(levels)} levels in "
+          f"{time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"written to {args.json}; next: vidya plan --sweep {args.json}")
+    failed = sum(r["failed"] for r in result["levels"])
+    return 0 if not failed else 1

@@ -22,7 +22,8 @@ def level(c: int, rps: float, ttft_p99_s: float, e2e_p99_s: float, failed: int =
 def sweep_file(tmp_path):
     sweep = {"version": 1, "model": "smollm2", "base_url": "http://x/v1", "workload": "tutor-64",
              "levels": [level(8, 4.0, 0.5, 9.0), level(16, 6.0, 1.2, 14.0), level(32, 7.0, 2.5, 25.0),
-                        level(64, 9.0, 1.0, 30.0, failed=3)]}  # fast but failing: never the operating point
+                        level(64, 9.0, 1.0, 30.0, failed=3),  # fast but failing: never the operating point
+                        level(128, 12.0, 1.0, 9.0)]}  # meets every target, but past levels that do not
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(sweep))
     return str(path)

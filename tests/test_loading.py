@@ -124,3 +124,68 @@ def test_generation_config_end_tokens_end_a_generation(tiny_models, tmp_path):
     assert llm.generate([[5, 6, 8]], ignored, use_tqdm=False)[0].outputs[0].token_ids == [7] * 5
     plain = LLM(tiny_models["llama"][0], dtype="float32", show_progress=False, max_model_len=256)
     assert len(plain.generate([[5, 6, 8]], forced, use_tqdm=False)[0].outputs[0].token_ids) == 5
+
+
+def test_weights_load_in_the_serving_dtype(tiny_models):
+    """Every parameter lands in the serving dtype: its bytes are the bf16 size, and its values are
+    the checkpoint's cast once (no float32 copy in between)."""
+    import torch
+    model_dir, hf = tiny_models["llama"]
+    llm = LLM(model_dir, dtype="bfloat16", backend="torch", show_progress=False, max_model_len=64,
+              kv_cache_memory=0.01)
+    model = llm.engine.runner.model
+    params = list(model.parameters())
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    assert sum(p.numel() * p.element_size() for p in params) == 2 * sum(p.numel() for p in params)
+    ours = model.hf_state_dict()
+    for name, want in hf.state_dict().items():
+        assert torch.equal(ours[name], want.to(torch.bfloat16)), name
+
+
+RSS_PROBE = """
+import json, resource, sys, torch
+from vidya.models import loader
+src = loader.resolve(sys.argv[1])
+config = loader.load_config(src)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = loader.load_model(src, config, torch.bfloat16, torch.device("cpu"), 256, load_format="dummy")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"peak_growth": after - before, "bf16_bytes": size}))
+"""
+
+
+def test_loading_never_holds_a_float32_copy(tiny_models, tmp_path):
+    """Peak memory while loading a ~290M-parameter model in bf16 grows by at most 1.2x its bf16
+    size plus 64 MiB (a float32 copy first, as before, would be 3x)."""
+    import subprocess
+    import sys
+    d = tmp_path / "shape-only"
+    os.makedirs(d)
+    cfg = json.loads(open(os.path.join(tiny_models["llama"][0], "config.json")).read())
+    cfg.update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
+               num_key_value_heads=4, tie_word_embeddings=False)
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(d)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["bf16_bytes"] > 500e6
+    assert r["peak_growth"] < 1.2 * r["bf16_bytes"] + 64 * 2**20, r
+
+
+def test_dummy_weights_serve_a_model_from_its_config_alone(tiny_models, tmp_path):
+    """--load-format dummy (vLLM's name): a directory with a config and a tokenizer but no weights
+    serves random text of the right shape; without it the missing weights are an error."""
+    import torch
+    d = tmp_path / "no-weights"
+    shutil.copytree(tiny_models["llama"][0], d)
+    os.remove(d / "model.safetensors")
+    expect_error("no \\*.safetensors weights", str(d))
+    llm = LLM(str(d), load_format="dummy", dtype="float32", show_progress=False, max_model_len=64)
+    norms = [p for n, p in llm.engine.runner.model.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(torch.all(p == 1) for p in norms)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        LLM(str(d), load_format="npcache")

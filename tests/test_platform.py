@@ -66,3 +66,34 @@ def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, monkeypat
     assert len(run_to_completion(engine)[rid].outputs[0].token_ids) == 4
     startup = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vidya: backend:")]
     assert len(startup) == 1 and "no AVX2" in startup[0], startup
+
+
+def test_attention_backend_choice_and_its_errors(monkeypatch):
+    """`--attention-backend` / VIDYA_ATTENTION_BACKEND, read once: the C++ kernels bring their own
+    attention; torch and triton run beside the torch ops; triton on CPU only interpreted."""
+    auto = plat.resolve_platform()
+    assert auto.attention == ("cpu" if auto.backend == "cpu" else "torch")
+    assert f"{auto.attention} attention" in auto.describe() and auto.as_dict()["attention_backend"] == auto.attention
+    p = plat.resolve_platform(backend="torch")
+    assert (p.backend, p.attention) == ("torch", "torch")
+    with pytest.raises(ValueError, match="--attention-backend must be one of"):
+        plat.resolve_platform(attention="flash")
+    monkeypatch.setenv("VIDYA_ATTENTION_BACKEND", "FLASH")
+    with pytest.raises(ValueError, match="VIDYA_ATTENTION_BACKEND must be one of"):
+        plat.resolve_platform()
+    monkeypatch.setenv("VIDYA_ATTENTION_BACKEND", "torch")  # beside the torch ops, chosen for it
+    assert (plat.resolve_platform().backend, plat.resolve_platform().attention) == ("torch", "torch")
+    monkeypatch.delenv("VIDYA_ATTENTION_BACKEND")
+    with pytest.raises(ValueError, match="cpu runs inside vidya's C\\+\\+ kernels"):
+        plat.resolve_platform(backend="torch", attention="cpu")
+    if auto.backend == "cpu":
+        with pytest.raises(ValueError, match="add --backend torch"):
+            plat.resolve_platform(backend="cpu", attention="torch")
+    pytest.importorskip("triton", reason="the triton package is not installed here")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="triton needs a CUDA GPU"):
+            plat.resolve_platform(attention="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = plat.resolve_platform(attention="triton")
+    assert (p.backend, p.attention) == ("torch" if p.device.type == "cpu" else "cuda", "triton")

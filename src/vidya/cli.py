@@ -3,6 +3,7 @@ with the offline engine) and `bench` (`throughput` offline, `serve` against any 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="which ops run the model: auto (the best this machine has; or VIDYA_BACKEND), "
                         "torch (the reference ops), cpu (vidya's C++ kernels at this CPU's best ISA), "
                         "or an ISA level at or below this CPU's")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                   help="paged attention: auto (triton on CUDA, the C++ kernels' own on CPU; or "
+                        "VIDYA_ATTENTION_BACKEND), torch (the reference), cpu, triton")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from the model's config, to serve and benchmark a model's "
+                        "shape where its weights cannot be downloaded")
 
 
 def engine_args(args, show_progress: bool = True):
@@ -34,7 +42,8 @@ def engine_args(args, show_progress: bool = True):
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                      backend=args.backend, show_progress=show_progress)
+                      backend=args.backend, device=args.device, attention_backend=args.attention_backend,
+                      load_format=args.load_format, show_progress=show_progress)
 
 
 def origins(value: str) -> list[str]:
@@ -144,8 +153,7 @@ def run_chat(args) -> int:
         return terminal.run(args.base_url, args.api_key or os.environ.get("VIDYA_API_KEY"), args.subject,
                             args.klass, args.system, args.max_tokens, args.temperature)
     from vidya import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, backend=args.backend, max_model_len=args.max_model_len, block_size=args.block_size,
-              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)
+    llm = LLM(**dataclasses.asdict(engine_args(args)))
     engine = llm.engine
     messages = [{"role": "system", "content": args.system}]
     print("vidya chat: type a question (Hindi or English); empty line or Ctrl-D to quit.")

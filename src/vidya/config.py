@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +59,20 @@ class EngineArgs:
     num_threads: int | None = None
     show_progress: bool = True
     backend: str = "auto"  # vidya.platform.BACKENDS; "auto" reads VIDYA_BACKEND, else the best here
+    attention_backend: str = "auto"  # torch, cpu, triton; "auto" reads VIDYA_ATTENTION_BACKEND, else by device
+    load_format: str = "auto"  # "dummy": random weights from the model's config (as vLLM's)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from vidya.platform import BACKENDS
+        from vidya.platform import ATTENTION_BACKENDS, BACKENDS
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -1,17 +1,23 @@
 """The one place that decides what this machine runs: the device, the CPU's instruction set, the
 ops backend and the dtypes of activations, weights and KV cache. Decided once at start-up from
-what the machine has (and `--backend` / `VIDYA_BACKEND`, read here and nowhere else); the result
-is printed in `vidya serve`'s start-up line, `GET /version` and every `vidya bench` result.
+what the machine has (and `--backend` / `VIDYA_BACKEND`, `--attention-backend` /
+`VIDYA_ATTENTION_BACKEND`, read here and nowhere else); the result is printed in `vidya serve`'s
+start-up line, `GET /version` and every `vidya bench` result.
 
     ISA            ops backend        activations  weights  KV cache
     amx            C++ (AMX+oneDNN)   bf16         bf16     bf16
     avx512_bf16    C++ (oneDNN)       bf16         bf16     bf16
     avx512, avx2   C++ (16-bit store) fp32         bf16     bf16    bf16 -> fp32 is a shift, in registers
     generic        torch reference    fp32         fp32     fp32    (no AVX2, or not x86)
-    cuda           torch              bf16/fp16
+    cuda           torch              bf16/fp16                     attention in Triton
+
+The attention backend: "cpu" (inside the C++ kernels), "torch" (the reference in
+attention/paged.py) or "triton" (attention/triton_paged.py: on CUDA, or on CPU only under
+TRITON_INTERPRET=1, for the tests; it runs beside the torch ops).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform as _host
 from dataclasses import dataclass
@@ -22,6 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "generic")  # best first
 BACKENDS = ("auto", "torch", "cpu") + ISAS[:-1]  # cpu: the best C++ ISA here; an ISA name: that one
 ENV_VAR = "VIDYA_BACKEND"
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+ATTENTION_ENV_VAR = "VIDYA_ATTENTION_BACKEND"
 # /proc/cpuinfo flags each ISA level needs
 _NEEDS = {
     "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
@@ -40,17 +48,19 @@ class Platform:
     weight_dtype: torch.dtype  # projection weights and embeddings as stored
     kv_dtype: torch.dtype
     note: str = ""  # why a faster path is not used, when one is not
+    attention: str = "torch"  # "cpu" (in the C++ kernels), "torch" (the reference) or "triton"
 
     def describe(self) -> str:
         name = lambda t: str(t).removeprefix("torch.")
         kernels = {"cpu": "C++ kernels", "torch": "torch reference ops", "cuda": "torch on CUDA"}[self.backend]
-        s = (f"{self.device.type} {self.isa}, {kernels}: {name(self.dtype)} math, "
+        s = (f"{self.device.type} {self.isa}, {kernels}, {self.attention} attention: {name(self.dtype)} math, "
              f"{name(self.weight_dtype)} weights, {name(self.kv_dtype)} KV cache")
         return s + (f" ({self.note})" if self.note else "")
 
     def as_dict(self) -> dict:
         name = lambda t: str(t).removeprefix("torch.")
-        return {"device": self.device.type, "backend": self.backend, "isa": self.isa, "dtype": name(self.dtype),
+        return {"device": self.device.type, "backend": self.backend, "isa": self.isa,
+                "attention_backend": self.attention, "dtype": name(self.dtype),
                 "weight_dtype": name(self.weight_dtype), "kv_cache_dtype": name(self.kv_dtype)}
 
 
@@ -86,22 +96,55 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Platform:
+def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto",
+                     attention: str = "auto") -> Platform:
     """Everything the engine needs to know about this machine, decided once."""
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-        source = ENV_VAR
-    else:
-        source = "--backend"
+    backend, source = (backend, "--backend") if backend != "auto" else (os.environ.get(ENV_VAR) or "auto", ENV_VAR)
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    attention, attention_source = ((attention, "--attention-backend") if attention != "auto" else
+                                   ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"{attention_source} must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     if dev.type == "cuda":
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        return Platform(dev, "cuda", "cuda", dt, dt, dt)
-    return _cpu_platform(dev, dtype, backend, source)
+        p = Platform(dev, "cuda", "cuda", dt, dt, dt)
+    else:
+        if backend == "auto" and attention in ("torch", "triton"):
+            backend = "torch"  # that attention runs beside the torch ops
+        p = _cpu_platform(dev, dtype, backend, source)
+    return dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source))
+
+
+def _attention_backend(p: Platform, asked: str, source: str) -> str:
+    if asked == "auto":
+        if p.backend == "cpu":
+            return "cpu"
+        return "triton" if p.device.type == "cuda" and triton_usable() else "torch"
+    if asked == "cpu" and p.backend != "cpu":
+        raise ValueError(f"{source} cpu runs inside vidya's C++ kernels, which this platform does not use "
+                         f"({p.backend} ops); use auto, torch or triton")
+    if asked in ("torch", "triton") and p.backend == "cpu":
+        raise ValueError(f"{source} {asked} runs beside the torch ops: add --backend torch (the C++ kernels "
+                         f"bring their own attention)")
+    if asked == "triton":
+        if not triton_usable():
+            raise ValueError(f"{source} triton needs the triton package: pip install triton")
+        if p.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{source} triton needs a CUDA GPU (on CPU it runs only under "
+                             f"TRITON_INTERPRET=1, slowly, for tests)")
+    return asked
+
+
+def triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cpu_platform(dev: torch.device, dtype: str, backend: str, source: str) -> Platform:

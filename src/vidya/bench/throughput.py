@@ -3,6 +3,8 @@ requests/s, KV-cache waste; with `--baseline hf`, transformers' plain generate()
 a time on the same weights and dtype, in the same run, and the ratio."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import platform
 import subprocess
@@ -65,10 +67,8 @@ def run_hf(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
 
 def main(args) -> int:
     workload = load_workload(args.workload, args.num_prompts)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-              enable_prefix_caching=not args.no_prefix_caching, kv_cache_memory=args.kv_cache_memory,
-              max_model_len=args.max_model_len, backend=args.backend)
+    from vidya.cli import engine_args
+    llm = LLM(**dataclasses.asdict(engine_args(args)))
     tok = llm.get_tokenizer()
     prompts = [tok(llm.engine.apply_chat_template(c), add_special_tokens=False).input_ids
                for c in workload.conversations]

@@ -60,15 +60,17 @@ class LLMEngine:
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        self.platform = resolve_platform(args.device, args.dtype, args.backend)
+        self.platform = resolve_platform(args.device, args.dtype, args.backend, args.attention_backend)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
         self.model_config = loader.load_config(src)
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
         self.max_model_len = self._max_model_len(args.max_model_len)
         self._log(f"backend: {self.platform.describe()}")
-        self._log(f"loading {args.model} ({'GGUF' if src.is_gguf else 'safetensors'})")
+        kind = 'dummy weights' if args.load_format == 'dummy' else 'GGUF' if src.is_gguf else 'safetensors'
+        self._log(f"loading {args.model} ({kind})")
         model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
+                                  load_format=args.load_format,
                                   progress=args.show_progress)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once
         cache = args.cache_config()

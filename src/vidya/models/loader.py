@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vidya.models import gguf_file
-from vidya.models.llama import CausalLM
+from vidya.models.llama import CausalLM, RMSNorm
 from vidya.models.registry import SUPPORTED_ARCHITECTURES, architecture_of, model_class
 from vidya.models.rope import RotaryEmbedding
 
@@ -215,13 +215,44 @@ def _safetensors_weights(src: ModelSource):
 
 
 def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.device,
-               max_positions: int, progress: bool = False) -> CausalLM:
+               max_positions: int, progress: bool = False, load_format: str = "auto") -> CausalLM:
+    """The model on `device` in `dtype`, built on the meta device and materialised there in that
+    dtype (never a float32 copy first: an 8B model is 16 GB in bf16, 32 GB in fp32); each
+    checkpoint tensor is read, cast and copied into place one at a time. `load_format` "dummy"
+    fills the weights with random values instead (norms at 1), from the config alone."""
     try:
         with torch.device("meta"):
             model = model_class(config)(config, max_positions)
     except ValueError as e:  # a variant of a family we do not implement
         raise ModelLoadError(f"{src.name}: {e}") from None
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # (meta tensors: the cast costs nothing)
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if load_format == "dummy":
+        _dummy_weights(model)
+    else:
+        _load_weights(model, src, config, dtype, progress)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset()  # float32 tables, computed as transformers does
+    return model.eval()
+
+
+@torch.no_grad()
+def _dummy_weights(model: CausalLM, seed: int = 0) -> None:
+    """Random weights (normal, std 0.02, drawn on the device), norms at 1: a model of the right
+    shape and speed whose text means nothing."""
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for p in model.parameters():
+        if id(p) in norms:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype, progress: bool) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     slices = model.checkpoint_slices()
     offsets = model.norm_offsets()
@@ -252,14 +283,8 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         raise ModelLoadError(f"The weights of {src.name} are corrupt or truncated ({type(e).__name__}: "
                              f"{str(e)[:200]}); download them again") from None
     if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     missing = sorted(set(slices) - loaded)
     if missing:
         raise ModelLoadError(f"The weights of {src.name} are incomplete: {len(missing)} tensors missing "
                              f"(first: {missing[0]}); the checkpoint is truncated or of another model")
-    model.to(dtype)
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            m.reset()  # float32 tables, computed as transformers does
-    return model.eval()

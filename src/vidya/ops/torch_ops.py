@@ -19,9 +19,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def attention_impl(name: str):
+    """The paged attention function of an attention backend (vidya/platform.py names it)."""
+    if name == "triton":
+        from vidya.attention import triton_paged
+        return triton_paged.paged_attention
+    return paged_attention
+
+
 class TorchOps:
     def __init__(self, platform) -> None:
-        """`platform` (vidya/platform.py) says what this machine runs; the reference needs nothing of it."""
+        """`platform` (vidya/platform.py) says what this machine runs: here, which attention."""
+        self.paged_attention = attention_impl(platform.attention)
 
     def prepare(self, model) -> None:
         """Lay out the model's weights for this backend, once, after loading."""
@@ -57,7 +66,7 @@ class TorchOps:
         q, k = q.view(t, attn.num_heads, attn.head_dim), k.view(t, attn.num_kv_heads, attn.head_dim)
         q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, attn.num_kv_heads, attn.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
+        out = self.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:

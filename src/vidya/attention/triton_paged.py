@@ -1,0 +1,195 @@
+"""Paged attention in Triton: the GPU attention backend (and, under TRITON_INTERPRET=1, the same
+kernels on CPU for the tests). Same contract as the reference in attention/paged.py.
+
+Two kernels:
+
+    write_kv    one program per (WRITE_TOKENS tokens, KV head): the step's K/V into the cache at
+                their slots, in the cache's dtype; a negative slot (a padded row of a CUDA-graph
+                bucket) writes nothing.
+    attend      one program per (query tile, KV head) over the engine's flat batch, decodes and
+                prefill chunks alike: a tile is up to BLOCK_Q consecutive query rows of one
+                sequence times the GQA group of query heads that share the KV head (BLOCK_Q * G_PAD
+                rows of one matrix, so K/V are read once for the group), walking the sequence's
+                keys BLOCK_N at a time through its block table with an online softmax in fp32.
+                Causal per row (row position = seq_len - q_len + row), and within the last
+                `window` positions where one is given (Gemma 3's local layers); key tiles wholly
+                before the window are skipped.
+
+The tile maps (which sequence and first row each program takes) are built on the host from
+`meta.query_starts`, once per step (all layers share them).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vidya.attention.metadata import AttentionMetadata
+
+BLOCK_M = 64  # query rows (positions x heads of a group) per program of a prefill chunk
+BLOCK_N = 32  # keys per inner iteration
+WRITE_TOKENS = 16  # tokens per program of write_kv
+NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier position
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_cs, stride_ch,
+                     BLOCK_T: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
+    d = tl.arange(0, D_PAD)
+    ok = (slot >= 0)[:, None] & (d < D)[None, :]
+    k = tl.load(k_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=ok, other=0.0)
+    v = tl.load(v_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=ok, other=0.0)
+    dst = ((slot // BS) * stride_cb + (slot % BS) * stride_cs + h * stride_ch)[:, None] + d[None, :]
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_ptr, tile_seq_ptr, tile_q0_ptr,
+                   scale, window,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_cb, stride_cs, stride_ch, stride_bt,
+                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(tile_seq_ptr + tile)
+    q0 = tl.load(tile_q0_ptr + tile)
+    row0 = tl.load(qstart_ptr + s)
+    q_len = tl.load(qstart_ptr + s + 1) - row0
+    ctx = tl.load(seq_lens_ptr + s)
+
+    m = tl.arange(0, BLOCK_Q * G_PAD)
+    qi = q0 + m // G_PAD  # query row within the sequence's chunk
+    g = m % G_PAD
+    row_ok = (qi < q_len) & (g < G)
+    pos = ctx - q_len + qi  # the row's token position: it sees keys 0..pos
+    head = kvh * G + g
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    q = tl.load(q_ptr + (row0 + qi)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
+    first_pos = ctx - q_len + q0
+    hi = tl.minimum(ctx, first_pos + BLOCK_Q)  # one past the tile's last key
+    lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N  # key tiles before the window: skipped
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < hi
+        blk = tl.load(bt_ptr + s * stride_bt + j // BS, mask=j_ok, other=0)
+        kv_off = blk * stride_cb + (j % BS) * stride_cs + kvh * stride_ch
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * scale
+        see = (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - window) & j_ok[None, :] & row_ok[:, None]
+        scores = tl.where(see, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (row0 + qi)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kvh, d] (any row stride, last dim contiguous) into the cache at slot_mapping[t];
+    slots < 0 are skipped."""
+    t, kvh, d = k.shape
+    if t == 0:
+        return
+    _write_kv_kernel[(triton.cdiv(t, WRITE_TOKENS), kvh)](
+        k, v, k_cache, v_cache, slot_mapping, t,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_T=WRITE_TOKENS, BS=k_cache.shape[1], D=d, D_PAD=_pow2(d, 16))
+
+
+class _Tiles:
+    """The step's tile maps, rebuilt when a new step's metadata arrives (every layer reuses them)."""
+
+    meta: AttentionMetadata | None = None
+    key: tuple[int, int] = (0, 0)
+    maps: tuple = ()
+
+
+_tiles = _Tiles()
+
+
+def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int, device: torch.device):
+    """(query_starts, [(block_q, tile_seq, tile_q0) for the decode rows, then the prefill chunks]),
+    as device tensors; a part with no tiles is left out."""
+    key = (block_q_decode, block_q_prefill)
+    if _tiles.meta is meta and _tiles.key == key:
+        return _tiles.maps
+    starts = meta.query_starts
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+    parts = []
+    for block_q, seqs in ((block_q_decode, range(meta.num_decodes)),
+                          (block_q_prefill, range(meta.num_decodes, len(starts) - 1))):
+        tile_seq, tile_q0 = [], []
+        for i in seqs:
+            for q0 in range(0, starts[i + 1] - starts[i], block_q):
+                tile_seq.append(i)
+                tile_q0.append(q0)
+        if tile_seq:
+            parts.append((block_q, as_t(tile_seq), as_t(tile_q0)))
+    _tiles.meta, _tiles.key, _tiles.maps = meta, key, (as_t(starts), parts)
+    return _tiles.maps
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+           scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [T, H, d] (last dim contiguous) over a cache the step's K/V are already in -> [T, H, d].
+    Decode rows and prefill chunks are two launches of one kernel: a decode sequence has one
+    query row, so its tile holds just the group's heads (at least the 16 rows a dot needs)."""
+    t, h, d = q.shape
+    out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    kvh = k_cache.shape[2]
+    group = h // kvh
+    g_pad = _pow2(group)
+    starts, parts = tile_maps(meta, max(1, 16 // g_pad), max(1, BLOCK_M // g_pad), q.device)
+    bt = meta.block_tables
+    for block_q, tile_seq, tile_q0 in parts:
+        _attend_kernel[(tile_seq.shape[0], kvh)](
+            out, q, k_cache, v_cache, bt, meta.seq_lens, starts, tile_seq, tile_q0,
+            float(scale), int(window or NO_WINDOW),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
+            G=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, BS=k_cache.shape[1], D=d, D_PAD=_pow2(d, 16),
+            IEEE=q.dtype == torch.float32)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """As vidya.attention.paged.paged_attention: K/V written, then every query row attended."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend(q, k_cache, v_cache, meta, scale, window)

@@ -1,0 +1,105 @@
+"""The Triton paged-attention kernels (vidya/attention/triton_paged.py) against the torch
+reference (vidya/attention/paged.py), in fp32; on CPU they run under TRITON_INTERPRET=1 (set by
+conftest), on a GPU compiled. Shapes: GQA groups 1-8, head sizes 16-256, block sizes 4 and 16,
+contexts crossing blocks, prefix hits and chunked prefill (a chunk after cached tokens), decodes
+and chunks in one batch, sliding windows, padded rows (slot -1) that must not write."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton package is not installed here")
+
+from vidya.attention import paged as reference  # noqa: E402
+from vidya.attention import triton_paged  # noqa: E402
+from vidya.attention.metadata import AttentionMetadata  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def batch(q_lens, ctx_lens, block_size, num_blocks, seed=0):
+    """A flat batch as the model runner lays it out: sequence i computes its last q_lens[i] of
+    ctx_lens[i] tokens (the earlier ones are already cached), decodes (q_len 1) first; blocks
+    shuffled so that tables are not in order."""
+    rng = random.Random(seed)
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    tables, slots, starts, row_seq, row_ctx = [], [], [0], [], []
+    for i, (ql, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        table = [free.pop() for _ in range(-(-ctx // block_size))]
+        tables.append(table)
+        for p in range(ctx - ql, ctx):
+            slots.append(table[p // block_size] * block_size + p % block_size)
+            row_seq.append(i)
+            row_ctx.append(p + 1)
+        starts.append(starts[-1] + ql)
+    width = max(len(t) for t in tables)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=DEVICE)
+    return AttentionMetadata(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq), t(row_ctx),
+                             t(list(ctx_lens)), starts, sum(1 for q in q_lens if q == 1))
+
+
+CASES = [  # (kv heads, query heads, head size, block size, window)
+    (2, 4, 16, 4, None),
+    (1, 4, 64, 16, None),  # GQA 4, head size 64
+    (2, 16, 128, 16, None),  # GQA 8, head size 128
+    (4, 4, 32, 16, None),  # no GQA
+    (2, 6, 64, 16, None),  # a group of 3: padded to 4 in the tile
+    (2, 8, 128, 16, 7),  # a sliding window shorter than a key tile
+    (1, 4, 256, 16, 40),  # Gemma 3's head size, a window crossing tiles
+]
+# decodes (one row each, contexts inside a block and crossing several), a whole prompt, a chunk
+# after a prefix hit, a long chunk after an earlier chunk
+Q_LENS = [1, 1, 1, 9, 17, 70]
+CTX_LENS = [3, 33, 90, 9, 50, 100]
+
+
+@pytest.mark.parametrize("kvh,h,d,bs,window", CASES)
+def test_matches_the_reference(kvh, h, d, bs, window):
+    meta = batch(Q_LENS, CTX_LENS, bs, 200)
+    g = torch.Generator(device=DEVICE).manual_seed(kvh * 1000 + d)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE)
+    k_cache, v_cache = rand(200, bs, kvh, d), rand(200, bs, kvh, d)
+    tokens = sum(Q_LENS)
+    qkv = rand(tokens, (h + 2 * kvh) * d)  # k and v as strided views of one projection, as the model has them
+    q = qkv[:, :h * d].reshape(tokens, h, d)
+    k = qkv[:, h * d:(h + kvh) * d].view(tokens, kvh, d)
+    v = qkv[:, (h + kvh) * d:].view(tokens, kvh, d)
+    ours_k, ours_v = k_cache.clone(), v_cache.clone()
+    want = reference.paged_attention(q, k, v, k_cache, v_cache, meta, 0.125, window)
+    got = triton_paged.paged_attention(q, k, v, ours_k, ours_v, meta, 0.125, window)
+    assert torch.equal(ours_k, k_cache) and torch.equal(ours_v, v_cache), "the cache writes differ"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_changes_the_answer():
+    """The window case above is not vacuous: attending without it gives another result."""
+    meta = batch(Q_LENS, CTX_LENS, 16, 200)
+    k_cache, v_cache = torch.randn(200, 16, 1, 64, device=DEVICE), torch.randn(200, 16, 1, 64, device=DEVICE)
+    q = torch.randn(sum(Q_LENS), 4, 64, device=DEVICE)
+    windowed = triton_paged.attend(q, k_cache, v_cache, meta, 0.125, 8)
+    torch.testing.assert_close(windowed, reference.attend(q, k_cache, v_cache, meta, 0.125, 8), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(windowed, triton_paged.attend(q, k_cache, v_cache, meta, 0.125, None))
+
+
+def test_a_16_bit_cache_under_fp32_queries():
+    meta = batch([1, 5], [20, 30], 16, 10)
+    k_cache = torch.randn(10, 16, 2, 32, device=DEVICE).to(torch.bfloat16)
+    v_cache = torch.randn(10, 16, 2, 32, device=DEVICE).to(torch.bfloat16)
+    q = torch.randn(6, 4, 32, device=DEVICE)
+    torch.testing.assert_close(triton_paged.attend(q, k_cache, v_cache, meta, 0.2),
+                               reference.attend(q, k_cache, v_cache, meta, 0.2), rtol=1e-4, atol=1e-5)
+
+
+def test_padded_rows_write_nothing():
+    """A CUDA-graph bucket pads the batch with rows whose slot is -1: the cache must not change there."""
+    k_cache = torch.zeros(8, 4, 2, 16, device=DEVICE)
+    v_cache = torch.zeros(8, 4, 2, 16, device=DEVICE)
+    k = torch.ones(6, 2, 16, device=DEVICE)
+    slots = torch.tensor([5, -1, 6, -1, -1, 31], device=DEVICE)
+    triton_paged.write_kv(k, 2 * k, k_cache, v_cache, slots)
+    written = (k_cache.view(32, 2, 16) == 1).all(-1).all(-1).nonzero().flatten().tolist()
+    assert written == [5, 6, 31]
+    assert (v_cache.view(32, 2, 16)[[5, 6, 31]] == 2).all() and v_cache.sum() == 2 * 3 * 2 * 16

@@ -132,3 +132,20 @@ def test_n3_greedy_samples_share_the_prompt(arch, tiny_models, references):
         assert [c.index for c in out.outputs] == [0, 1, 2]
     assert engine.kv.prefix_hits > 0, "samples 2 and 3 should reuse the first sample's prompt blocks"
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ("gemma3",))
+def test_decode_batches_padded_to_graph_buckets_change_no_token(arch, tiny_models, references):
+    """What a CUDA graph replays (vidya/engine/cuda_graphs.py): each decode step padded to its
+    bucket (5 sequences -> 8) with rows that write no KV and whose output is dropped. On CPU the
+    padded batch runs eagerly, Triton attention interpreted; tokens must not change."""
+    from vidya.engine.cuda_graphs import bucket_for, decode_buckets
+    assert decode_buckets(256)[:5] == [1, 2, 4, 8, 16] and decode_buckets(256)[-1] == 256
+    assert (bucket_for(5, [1, 2, 4, 8]), bucket_for(9, [1, 2, 4, 8])) == (8, 0)
+    engine = make_engine(tiny_models[arch][0], backend="triton")
+    engine.runner.decode_buckets = decode_buckets(256)
+    prompts, want = references[arch]
+    outs = generate(engine, prompts[:5])
+    assert engine.runner.padded_rows >= 3 * (MAX_NEW - 1), "decode steps were meant to be padded"
+    assert [o.outputs[0].token_ids for o in outs] == want[:5]
+    assert_all_blocks_free(engine)

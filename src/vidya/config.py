@@ -61,6 +61,7 @@ class EngineArgs:
     backend: str = "auto"  # vidya.platform.BACKENDS; "auto" reads VIDYA_BACKEND, else the best here
     attention_backend: str = "auto"  # torch, cpu, triton; "auto" reads VIDYA_ATTENTION_BACKEND, else by device
     load_format: str = "auto"  # "dummy": random weights from the model's config (as vLLM's)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's name)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -8,7 +8,9 @@ The batch is laid out sequence by sequence, decodes first, then prefill chunks:
 
 Sequence i owns rows query_starts[i] .. query_starts[i + 1]; its queries are the last
 (query_starts[i + 1] - query_starts[i]) positions of its seq_lens[i] tokens (earlier ones came
-from the cache: a prefix hit, an earlier chunk, or both). Per row, `row_seq` names the row of
+from the cache: a prefix hit, an earlier chunk, or both). A decode batch padded to a CUDA-graph
+bucket ends in padding sequences: one row each, slot -1 (nothing written), seq_len 1, whose
+output nobody reads. Per row, `row_seq` names the row of
 `block_tables` and `row_ctx` how many cached tokens it attends to (its position + 1), so decode
 and prefill rows are one kind of work for a kernel; the reference walks the sequences instead.
 """
@@ -28,3 +30,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int64: tokens in the cache after this step
     query_starts: list[int]  # num_seqs + 1 row offsets
     num_decodes: int  # the first num_decodes sequences have one query row each
+    # a CUDA graph's fixed decode tile map for the Triton kernel (query starts, tile -> sequence,
+    # tile -> first row), so that nothing is built on the host inside a captured step
+    static_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -143,6 +143,9 @@ _tiles = _Tiles()
 def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int, device: torch.device):
     """(query_starts, [(block_q, tile_seq, tile_q0) for the decode rows, then the prefill chunks]),
     as device tensors; a part with no tiles is left out."""
+    if meta.static_tiles is not None:  # a captured decode step: one tile per sequence
+        starts_t, tile_seq, tile_q0 = meta.static_tiles
+        return starts_t, [(block_q_decode, tile_seq, tile_q0)]
     key = (block_q_decode, block_q_prefill)
     if _tiles.meta is meta and _tiles.key == key:
         return _tiles.maps

@@ -12,6 +12,7 @@ import torch
 from vidya.config import EngineArgs
 from vidya.engine.detokenizer import IncrementalDetokenizer
 from vidya.engine.kv_cache_manager import KVCacheManager
+from vidya.engine.cuda_graphs import decode_buckets
 from vidya.engine.model_runner import ModelRunner, num_kv_blocks
 from vidya.engine.output_processor import RequestState, SampleState, update_sample
 from vidya.engine.request import Request, RequestStatus
@@ -79,6 +80,10 @@ class LLMEngine:
         num_blocks = num_kv_blocks(cache, self.model_config, self.platform.kv_dtype, self.device, max_useful)
         self.ops = make_ops(self.platform)
         self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.platform, self.ops)
+        if self.device.type == "cuda" and self.platform.attention == "triton" and not args.enforce_eager:
+            buckets = decode_buckets(sched_config.max_num_seqs)
+            seconds = self.runner.capture_decode_graphs(buckets, -(-self.max_model_len // cache.block_size))
+            self._log(f"captured {len(buckets)} CUDA graphs for decode batches of up to {buckets[-1]} in {seconds:.1f} s")
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_config, self.kv)
         self.sampler = Sampler(args.seed, self.ops.first_max)

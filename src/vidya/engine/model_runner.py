@@ -10,6 +10,7 @@ import torch
 
 from vidya.attention import AttentionMetadata
 from vidya.config import CacheConfig
+from vidya.engine.cuda_graphs import DecodeGraphs, bucket_for
 from vidya.engine.request import Request
 from vidya.engine.scheduler import SchedulerOutput
 from vidya.models.llama import head_dim_of
@@ -82,6 +83,9 @@ class ModelRunner:
         ops.prepare(model)
         return_freed_memory()
         self.block_size = cache.block_size
+        self.decode_buckets: list[int] = []  # decode-only batches are padded to these sizes (CUDA graphs)
+        self.graphs = None  # DecodeGraphs, once captured
+        self.padded_rows = 0  # padding rows run so far
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)
         dtype, device = platform.kv_dtype, platform.device
@@ -95,8 +99,10 @@ class ModelRunner:
                                torch.zeros(shape, dtype=dtype, device=device))
                               for _ in range(model_config.num_hidden_layers)]
 
-    def prepare(self, out: SchedulerOutput) -> ModelInput:
-        """The step's flat batch and its one attention-metadata layout (decodes first)."""
+    def prepare(self, out: SchedulerOutput, pad_to: int = 0) -> ModelInput:
+        """The step's flat batch and its one attention-metadata layout (decodes first). A batch of
+        decodes only may be padded to `pad_to` sequences (a CUDA-graph bucket): padding rows
+        read token 0 at position 0, write no KV (slot -1) and attend to one key of block 0."""
         bs = self.block_size
         is_decode = lambda s: s.num_new_tokens == 1 and s.samples
         # decodes first, then prefill chunks shortest first (a backend may send the long ones,
@@ -124,27 +130,55 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(r)
-        width = max((len(s.block_ids) for s in order), default=1)
+        tables = [s.block_ids for s in order]
+        for i in range(len(order), pad_to):
+            ids.append(0)
+            positions.append(0)
+            slots.append(-1)
+            row_seq.append(i)
+            starts.append(len(ids))
+            seq_lens.append(1)
+            tables.append([0])
+        width = max((len(t) for t in tables), default=1)
         dev = self.device
         tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
             slot_mapping=tensor(slots),
-            block_tables=tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in order]).view(len(order), width),
+            block_tables=tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width),
             row_seq=tensor(row_seq),
             row_ctx=tensor([p + 1 for p in positions]),
             seq_lens=tensor(seq_lens),
             query_starts=starts,
-            num_decodes=sum(1 for s in order if is_decode(s)),
+            num_decodes=sum(1 for s in order if is_decode(s)) + max(0, pad_to - len(order)),
         )
         return ModelInput(tensor(ids), tensor(positions), meta, tensor(logits_rows), sampling)
+
+    def _bucket(self, out: SchedulerOutput) -> int:
+        """The bucket a decode-only step is padded to; 0 for a step with prefill rows or too many rows."""
+        if not self.decode_buckets or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
+            return 0
+        return bucket_for(len(out.scheduled), self.decode_buckets)
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, buckets: list[int], max_blocks_per_seq: int) -> float:
+        """Capture one CUDA graph per decode bucket; returns the seconds it took."""
+        self.graphs = DecodeGraphs(self.model, self.ops, self.kv_caches, buckets, max_blocks_per_seq, self.device)
+        self.decode_buckets = buckets
+        return self.graphs.capture_seconds
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, argmax_only=None) -> tuple[torch.Tensor, list[Request], bool]:
         """Runs the step; returns (logits of the rows that sample, their requests, False), or,
         when `argmax_only(requests)` says every one of them just takes the argmax and the backend
         can fuse it into the lm_head, (their token ids, requests, True)."""
-        inp = self.prepare(out)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.ops)
+        pad = self._bucket(out)
+        inp = self.prepare(out, pad)
+        if pad:
+            self.padded_rows += pad - len(out.scheduled)
+        if pad and self.graphs is not None:
+            hidden = self.graphs.replay(inp.input_ids, inp.positions, inp.meta)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.ops)
         if not inp.sampling_requests:
             return hidden.new_empty((0, 0)), [], False
         rows = hidden[inp.logits_indices]

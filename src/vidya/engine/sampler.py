@@ -49,7 +49,6 @@ class Sampler:
                    for r in requests)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        logits = logits.cpu()
         if not self.only_argmax(requests):
             logits = logits.float()  # argmax alone is exact in the model's dtype
         raw = logits
@@ -62,13 +61,14 @@ class Sampler:
         if len(greedy) == len(requests):  # the common benchmark case: one argmax, no gathers
             token_list = self.first_max(logits).tolist()
             return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
-        tokens = torch.empty(len(requests), dtype=torch.long)
+        dev = logits.device
+        tokens = torch.empty(len(requests), dtype=torch.long, device=dev)
         if greedy:
-            idx = torch.tensor(greedy)
+            idx = torch.tensor(greedy, device=dev)
             tokens[idx] = logits[idx].argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
-            idx = torch.tensor(random_rows)
+            idx = torch.tensor(random_rows, device=dev)
             probs = self._probs(logits[idx], [requests[i] for i in random_rows])
             tokens[idx] = self._draw(probs, [requests[i] for i in random_rows])
         token_list = tokens.tolist()
@@ -83,6 +83,7 @@ class Sampler:
         u = torch.empty(len(requests), dtype=cdf.dtype)
         for j, r in enumerate(requests):
             u[j] = torch.rand((), generator=self.generator_for(r) or self.generator, dtype=cdf.dtype)
+        u = u.to(cdf.device)
         total = cdf[:, -1]
         u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
         # the first token whose CDF passes u: never one of zero probability
@@ -98,23 +99,24 @@ class Sampler:
     @staticmethod
     def _adjust(row: torch.Tensor, req: Request) -> None:
         sp = req.sampling_params
+        ids = lambda x: torch.tensor(x, dtype=torch.long, device=row.device)
         if sp.logit_bias:
-            ids = torch.tensor(list(sp.logit_bias.keys()), dtype=torch.long)
-            row[ids] += torch.tensor(list(sp.logit_bias.values()), dtype=row.dtype)
+            row[ids(list(sp.logit_bias.keys()))] += torch.tensor(list(sp.logit_bias.values()), dtype=row.dtype,
+                                                                 device=row.device)
         if req.num_output_tokens < sp.min_tokens:
             banned = list(sp.stop_token_ids)
             if req.eos_token_ids and not sp.ignore_eos:
                 banned.extend(req.eos_token_ids)
             if banned:
-                row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+                row[ids(banned)] = float("-inf")
         if sp.uses_penalties:
             vocab = row.shape[0]
-            out_ids = torch.tensor(req.output_token_ids, dtype=torch.long)
+            out_ids = ids(req.output_token_ids)
             out_ids = out_ids[out_ids < vocab]
             counts = torch.bincount(out_ids, minlength=vocab).to(row.dtype)
             if sp.repetition_penalty != 1.0:
                 seen = counts > 0
-                prompt_ids = torch.tensor(req.prompt_token_ids, dtype=torch.long)
+                prompt_ids = ids(req.prompt_token_ids)
                 seen[prompt_ids[prompt_ids < vocab]] = True
                 penalised = torch.where(row > 0, row / sp.repetition_penalty, row * sp.repetition_penalty)
                 row.copy_(torch.where(seen, penalised, row))
@@ -123,16 +125,17 @@ class Sampler:
 
     @staticmethod
     def _probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.sampling_params.temperature for r in requests]).unsqueeze(1)
+        per_row = lambda values: torch.tensor(values, device=logits.device)
+        temps = per_row([r.sampling_params.temperature for r in requests]).unsqueeze(1)
         logits = logits / temps
         top_ks = [r.sampling_params.top_k for r in requests]
         if any(top_ks):
             vocab = logits.shape[1]
-            k = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks])
+            k = per_row([k if 0 < k < vocab else vocab for k in top_ks])
             sorted_vals = logits.sort(dim=-1, descending=True).values
             kth = sorted_vals.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        top_ps = torch.tensor([r.sampling_params.top_p for r in requests])
+        top_ps = per_row([r.sampling_params.top_p for r in requests])
         if (top_ps < 1.0).any():
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             sorted_probs = sorted_logits.softmax(dim=-1)
@@ -142,7 +145,7 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
-        min_ps = torch.tensor([r.sampling_params.min_p for r in requests])
+        min_ps = per_row([r.sampling_params.min_p for r in requests])
         if (min_ps > 0).any():
             cutoff = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
             probs = probs.masked_fill(probs < cutoff, 0.0)
@@ -150,19 +153,20 @@ class Sampler:
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, requests: list[Request], tokens: list[int]):
+        """Per row that asks: the sampled token's logprob and rank, and the top k, computed for
+        all such rows at once and copied to the host in one go."""
         rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
         out: list = [None] * len(requests)
         if not rows:
             return out
-        lp = torch.log_softmax(raw[torch.tensor(rows)], dim=-1)
+        dev = raw.device
+        lp = torch.log_softmax(raw[torch.tensor(rows, device=dev)].float(), dim=-1)
+        sampled = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=dev).unsqueeze(1))
+        ranks = (lp > sampled).sum(dim=-1) + 1
+        kmax = max(requests[i].sampling_params.logprobs for i in rows)
+        vals, ids = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())
+        sampled, ranks, vals, ids = (t.cpu() for t in (sampled.squeeze(1), ranks, vals, ids))
         for j, i in enumerate(rows):
             k = requests[i].sampling_params.logprobs
-            tok = tokens[i]
-            sampled = lp[j, tok]
-            rank = int((lp[j] > sampled).sum()) + 1
-            top = []
-            if k:
-                vals, ids = lp[j].topk(k)
-                top = list(zip(ids.tolist(), vals.tolist()))
-            out[i] = (float(sampled), rank, top)
+            out[i] = (float(sampled[j]), int(ranks[j]), list(zip(ids[j, :k].tolist(), vals[j, :k].tolist())))
         return out

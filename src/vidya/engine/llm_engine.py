@@ -13,7 +13,7 @@ from vidya.config import EngineArgs
 from vidya.engine.detokenizer import IncrementalDetokenizer
 from vidya.engine.kv_cache_manager import KVCacheManager
 from vidya.engine.cuda_graphs import decode_buckets
-from vidya.engine.model_runner import ModelRunner, num_kv_blocks
+from vidya.engine.model_runner import ModelRunner, num_kv_blocks, profile_forward
 from vidya.engine.output_processor import RequestState, SampleState, update_sample
 from vidya.engine.request import Request, RequestStatus
 from vidya.engine.sampler import Sampler, SamplerOutput
@@ -77,8 +77,16 @@ class LLMEngine:
         cache = args.cache_config()
         sched_config = args.scheduler_config(self.max_model_len)
         max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
-        num_blocks = num_kv_blocks(cache, self.model_config, self.platform.kv_dtype, self.device, max_useful)
         self.ops = make_ops(self.platform)
+        activations = 0
+        if self.device.type == "cuda" and cache.num_gpu_blocks_override is None:
+            activations = profile_forward(model, self.ops, self.model_config, sched_config.max_num_batched_tokens,
+                                          self.max_model_len, sched_config.max_num_seqs, cache.block_size,
+                                          self.platform.kv_dtype, self.device)
+            self._log(f"profiling forward of {sched_config.max_num_batched_tokens} tokens: "
+                      f"peak activations {activations / 2**30:.2f} GiB")
+        num_blocks = num_kv_blocks(cache, self.model_config, self.platform.kv_dtype, self.device, max_useful,
+                                   activations)
         self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.platform, self.ops)
         if self.device.type == "cuda" and self.platform.attention == "triton" and not args.enforce_eager:
             buckets = decode_buckets(sched_config.max_num_seqs)

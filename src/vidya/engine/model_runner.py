@@ -25,16 +25,22 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
+GRAPH_MARGIN = 256 << 20  # CUDA graphs' pool and allocator slack, allocated after the KV cache
+
+
 def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: torch.device,
-                  max_useful: int) -> int:
+                  max_useful: int, activation_bytes: int = 0) -> int:
     """Blocks that fit the memory budget, but no more than `max_useful` (every sequence at
-    max_model_len at once): a small model must not allocate millions of idle blocks."""
+    max_model_len at once): a small model must not allocate millions of idle blocks. On a GPU the
+    budget is --gpu-memory-utilization of its memory less what is in use (weights, CUDA context,
+    anything else on the GPU), the peak activations a profiling forward measured
+    (`profile_forward`) and a margin for CUDA graphs, as vLLM sizes it."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     per_block = kv_bytes_per_block(model_config, cache.block_size, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = total * cache.gpu_memory_utilization - (total - free) - 0.5 * GiB  # activations
+        budget = total * cache.gpu_memory_utilization - (total - free) - activation_bytes - GRAPH_MARGIN
     else:
         budget = (cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB) * GiB
     n = min(int(budget // per_block), max_useful)
@@ -42,6 +48,46 @@ def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: 
         raise ValueError("No memory is left for the KV cache: raise --gpu-memory-utilization or "
                          "--kv-cache-memory, or use a smaller model")
     return n
+
+
+@torch.inference_mode()
+def profile_forward(model, ops, model_config, num_tokens: int, max_len: int, num_sample_rows: int,
+                    block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Run the largest step the scheduler can send (`num_tokens` prompt tokens in sequences of at
+    most `max_len`, then logits for `num_sample_rows` rows) over a scratch KV cache just big
+    enough, and return the peak memory it needed beyond what was allocated before, the scratch
+    cache not counted (CUDA; 0 elsewhere, where the forward still runs as a check)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    lens = [min(max_len, num_tokens - i) for i in range(0, num_tokens, max_len)]
+    per_seq = -(-max(lens) // block_size)
+    kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
+    shape = (per_seq * len(lens), block_size, kvh, d)
+    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+              for _ in range(model_config.num_hidden_layers)]
+    cache_bytes = 2 * len(caches) * math.prod(shape) * caches[0][0].element_size()
+    tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    positions = [p for n in lens for p in range(n)]
+    tables = [[i * per_seq + b for b in range(per_seq)] for i in range(len(lens))]
+    meta = AttentionMetadata(
+        slot_mapping=tensor([i * per_seq * block_size + p for i, n in enumerate(lens) for p in range(n)]),
+        block_tables=tensor(tables), row_seq=tensor([i for i, n in enumerate(lens) for _ in range(n)]),
+        row_ctx=tensor([p + 1 for p in positions]), seq_lens=tensor(lens),
+        query_starts=[sum(lens[:i]) for i in range(len(lens) + 1)], num_decodes=0)
+    ids = tensor([1] * num_tokens)
+    hidden = model(ids, tensor(positions), caches, meta, ops)
+    rows = hidden[-min(num_sample_rows, num_tokens):]
+    ops.logits(model.lm_head, rows).float().softmax(dim=-1)  # the sampler's float32 copy of the logits
+    if not cuda:
+        return 0
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - cache_bytes
+    del caches, hidden, rows
+    torch.cuda.empty_cache()
+    return max(0, peak)
 
 
 def cpu_zeros_huge_pages(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:

@@ -1,0 +1,40 @@
+"""The GPU engine's start-up arithmetic, checked on any machine: the profiling forward that
+measures peak activations (it runs here too, on the real model, as a check of the batch it
+builds) and the KV-cache budget from --gpu-memory-utilization. The kernels are in
+test_triton_attention.py, bucket padding in test_equivalence.py; bench/gpu/run.sh runs the rest on
+a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_engine
+from vidya.config import CacheConfig
+from vidya.engine import model_runner
+from vidya.engine.model_runner import GRAPH_MARGIN, kv_bytes_per_block, num_kv_blocks, profile_forward
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_the_profiling_forward_runs_the_largest_step(arch, tiny_models):
+    """max_num_batched_tokens prompt tokens split into sequences of at most max_model_len: the
+    forward runs over its scratch cache (on CPU nothing is measured)."""
+    engine = make_engine(tiny_models[arch][0], backend="torch")
+    r = engine.runner
+    assert profile_forward(r.model, r.ops, engine.model_config, 50, 20, 8, 4, torch.float32, torch.device("cpu")) == 0
+    assert profile_forward(r.model, r.ops, engine.model_config, 7, 512, 256, 16, torch.float32, torch.device("cpu")) == 0
+
+
+def test_kv_budget_is_the_utilisation_less_what_is_used_and_the_activations(tiny_models, monkeypatch):
+    engine = make_engine(tiny_models["llama"][0], backend="torch")
+    config = engine.model_config
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))  # 20 GiB in use
+    cache = CacheConfig(block_size=16, gpu_memory_utilization=0.9)
+    per_block = kv_bytes_per_block(config, 16, torch.bfloat16)
+    got = num_kv_blocks(cache, config, torch.bfloat16, torch.device("cuda"), 10**12, activation_bytes=3 * GiB)
+    assert got == int((72 * GiB - 20 * GiB - 3 * GiB - GRAPH_MARGIN) // per_block)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GiB, 80 * GiB))
+    with pytest.raises(ValueError, match="No memory is left for the KV cache"):
+        num_kv_blocks(cache, config, torch.bfloat16, torch.device("cuda"), 10**12, activation_bytes=3 * GiB)
+    assert model_runner.num_kv_blocks(cache, config, torch.bfloat16, torch.device("cuda"), 100, 0) == 100

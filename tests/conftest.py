@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():  # the Triton attention kernels run interpreted, in numpy
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-SLIDING_WINDOW = 8  # tiny Gemma 3: prompts of 9..57 tokens and 12 more cross it
+from vidya.models.tiny import ARCHS, SLIDING_WINDOW, tiny_config, tiny_model  # noqa: E402,F401
+
 # the ISA levels vidya's C++ kernels have paths for, lowest first (vidya/platform.py's names)
 KERNEL_ISAS = ("avx2", "avx512", "avx512_bf16", "amx")
 
@@ -48,32 +48,6 @@ def isa(request):
     kernels.bind_isa(have)
 
 
-def tiny_config(arch: str, vocab_size: int):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=2, tie_word_embeddings=arch in ("qwen2", "gemma3"))
-    if arch == "llama":
-        return LlamaConfig(architectures=["LlamaForCausalLM"], **common,
-                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 64})
-    if arch == "mistral":
-        return MistralConfig(architectures=["MistralForCausalLM"], sliding_window=None, head_dim=16, **common)
-    if arch == "qwen3":  # q/k RMSNorm; head_dim 32 x 4 heads is wider than the hidden size
-        return Qwen3Config(architectures=["Qwen3ForCausalLM"], head_dim=32, **common)
-    if arch == "gemma3":  # three layers: sliding (local RoPE base), sliding, global (its own base)
-        return Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], **{**common, "num_hidden_layers": 3, "initializer_range": 0.05},
-                                head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
-                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                hidden_activation="gelu_pytorch_tanh",
-                                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                                 "full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                                    "rope_theta": 1000000.0}})
-    return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
-
-
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from vidya.models import loader
@@ -83,17 +57,9 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm2_tokenizer):
     """{arch: (directory, transformers model in float32)}"""
-    from transformers import AutoModelForCausalLM
     out = {}
     for arch in ARCHS:
-        torch.manual_seed(1234)
-        config = tiny_config(arch, len(smollm2_tokenizer))
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        if arch in ("qwen3", "gemma3"):  # their norms start at identity (Gemma's w = 0): make them count
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name:
-                        p.add_(torch.randn_like(p) * 0.3)
+        model = tiny_model(arch, len(smollm2_tokenizer))
         d = tmp_path_factory.mktemp(f"tiny-{arch}")
         model.save_pretrained(d)
         smollm2_tokenizer.save_pretrained(d)

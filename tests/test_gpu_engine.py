@@ -38,3 +38,24 @@ def test_kv_budget_is_the_utilisation_less_what_is_used_and_the_activations(tiny
     with pytest.raises(ValueError, match="No memory is left for the KV cache"):
         num_kv_blocks(cache, config, torch.bfloat16, torch.device("cuda"), 10**12, activation_bytes=3 * GiB)
     assert model_runner.num_kv_blocks(cache, config, torch.bfloat16, torch.device("cuda"), 100, 0) == 100
+
+
+def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
+    """bench/gpu/run.py --smoke: the serving section's bookkeeping (TTFT, inter-token, decode steps
+    against the bandwidth floor) on a toy Llama with dummy weights, here on CPU; the kernels and
+    tiny_exact sections are covered by their own tests."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "run.py"), "--smoke", "--json", str(out),
+                        "--only", "versions", "bandwidth", "serve_8b"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["all_ok"] and r["bandwidth"]["gb_s"] > 0
+    s = r["serve_8b"]
+    assert s["requests"] == 6 and s["output_tok_s"] > 0 and s["decode_steps"] >= s["output_tokens"] - 1
+    assert 0 < s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] and 0 < s["itl_s"]["p50"] <= s["itl_s"]["p99"]
+    assert 0 < s["fraction_of_floor"] and s["decode_step_ms"] > 0

@@ -1,0 +1,295 @@
+"""The GPU engine's checks and figures in one run (bench/gpu/run.sh calls this), written as JSON:
+
+    versions     torch, Triton, transformers, CUDA, the GPU, vidya's commit
+    bandwidth    device memory bandwidth, GB/s (a large copy: bytes read + written / time)
+    kernels      the Triton paged-attention kernels against the torch reference in the serving
+                 dtype: max error and time, at Llama-3-8B's and Gemma 3's attention shapes
+    tiny_exact   tiny random Llama / Qwen3 / Gemma 3 models, greedy, on the device in float32:
+                 vidya's tokens against transformers' generate(), token for token
+    serve_8b     an 8B-shaped Llama (random weights, --load-format dummy) serving N requests
+                 (prompt / output lengths below) offline: output tok/s, TTFT and inter-token
+                 p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
+                 a step reads / measured bandwidth), peak GPU memory
+    serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
+
+`--smoke` runs every section at toy sizes (on CPU: Triton interpreted) so that the script is
+tested where no GPU is; its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+GiB = 1 << 30
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+TOY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, rope_theta=10000.0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of fn() over `repeat` runs after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def versions(device: torch.device) -> dict:
+    import transformers
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+           "commit": os.environ.get("VIDYA_COMMIT", "unknown"), "device": str(device)}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / GiB, 1))
+    return out
+
+
+def bandwidth(device: torch.device, smoke: bool) -> dict:
+    n = (64 << 20) if smoke else (2 * GiB)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, 3 if smoke else 20)
+    return {"bytes": n, "seconds": seconds, "gb_s": 2 * n / seconds / 1e9}
+
+
+def kernels(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
+    from vidya.attention import paged as reference
+    from vidya.attention import triton_paged
+    from vidya.attention.metadata import AttentionMetadata
+    shapes = [("llama3-8b", 8, 32, 128), ("gemma3-4b", 4, 8, 256)]
+    decodes, ctx, chunk = (4, 40, 24) if smoke else (64, 1024, 512)
+    bs = 16
+    out = []
+    for name, kvh, h, d in shapes:
+        rng = random.Random(0)
+        q_lens = [1] * decodes + [chunk, chunk]
+        ctx_lens = [rng.randrange(ctx // 2, ctx) for _ in range(decodes)] + [chunk, ctx + chunk]  # a prompt; a chunk after a prefix
+        per_seq = [-(-c // bs) for c in ctx_lens]
+        blocks = list(range(1, sum(per_seq) + 1))
+        rng.shuffle(blocks)
+        tables, slots, starts, row_seq, row_ctx = [], [], [0], [], []
+        for i, (ql, c) in enumerate(zip(q_lens, ctx_lens)):
+            table = [blocks.pop() for _ in range(per_seq[i])]
+            tables.append(table)
+            for p in range(c - ql, c):
+                slots.append(table[p // bs] * bs + p % bs)
+                row_seq.append(i)
+                row_ctx.append(p + 1)
+            starts.append(starts[-1] + ql)
+        width = max(per_seq)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+        meta = AttentionMetadata(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq),
+                                 t(row_ctx), t(ctx_lens), starts, decodes)
+        nb = sum(per_seq) + 1
+        k_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)
+        v_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)
+        q = torch.randn(sum(q_lens), h, d, device=device).to(dtype)
+        for window in (None, 512):
+            want = reference.attend(q, k_cache, v_cache, meta, d ** -0.5, window)
+            got = triton_paged.attend(q, k_cache, v_cache, meta, d ** -0.5, window)
+            err = (got.float() - want.float()).abs().max().item()
+            repeat = 2 if smoke else 20
+            out.append({"shape": name, "kv_heads": kvh, "heads": h, "head_dim": d, "window": window,
+                        "decodes": decodes, "chunks": 2, "dtype": str(dtype), "max_abs_err": err, "ok": err < 2e-2,
+                        "triton_ms": 1e3 * timed(lambda: triton_paged.attend(q, k_cache, v_cache, meta, d ** -0.5, window), device, repeat),
+                        "reference_ms": 1e3 * timed(lambda: reference.attend(q, k_cache, v_cache, meta, d ** -0.5, window), device, repeat)})
+    return out
+
+
+def model_dir(config, tokenizer, path: str, model=None) -> str:
+    os.makedirs(path, exist_ok=True)
+    (model.save_pretrained(path) if model is not None else config.save_pretrained(path))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_exact(device: torch.device, workdir: str, smoke: bool) -> list[dict]:
+    from vidya import LLM, SamplingParams
+    from vidya.models.tiny import tiny_model, word_tokenizer
+    vocab, new = 512, 16
+    tok = word_tokenizer(vocab)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 9, 23, 57, 100)]
+    out = []
+    for arch in ("llama", "qwen3", "gemma3"):
+        hf = tiny_model(arch, vocab)
+        path = model_dir(hf.config, tok, os.path.join(workdir, f"tiny-{arch}"), hf)
+        hf = hf.to(device)
+        want = []
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p], device=device)
+                g = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                                min_new_tokens=new, eos_token_id=2, pad_token_id=2)
+                want.append(g[0, len(p):].tolist())
+        llm = LLM(path, dtype="float32", device=str(device), max_model_len=256, block_size=16, show_progress=False,
+                  kv_cache_memory=0.05, gpu_memory_utilization=0.5 if device.type == "cuda" else 0.9)
+        got = [o.outputs[0].token_ids for o in llm.generate(
+            prompts, SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new), use_tqdm=False)]
+        out.append({"arch": arch, "attention": llm.engine.platform.attention,
+                    "cuda_graphs": llm.engine.runner.graphs is not None,
+                    "token_exact": got == want, "prompts": len(prompts),
+                    "tokens_equal": sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))})
+        del llm
+    return out
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p99": None}
+    xs = sorted(xs)
+    return {"p50": xs[len(xs) // 2], "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
+
+
+def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None) -> dict:
+    from transformers import LlamaConfig
+
+    from vidya.config import EngineArgs
+    from vidya.engine.llm_engine import LLMEngine
+    from vidya.models.tiny import word_tokenizer
+    from vidya.sampling_params import SamplingParams
+    shape = TOY if smoke else LLAMA3_8B
+    n_req, p_len, o_len = (6, 24, 8) if smoke else (256, 512, 256)
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **shape)
+    path = model_dir(config, word_tokenizer(shape["vocab_size"]), os.path.join(workdir, "llama3-8b-shape"))
+    util = 0.9
+    if memory_gib is not None and device.type == "cuda":
+        util = memory_gib * GiB / torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
+                                  max_model_len=p_len + o_len, max_num_seqs=256, max_num_batched_tokens=8192,
+                                  gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True))
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)
+    steps: list = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: steps.append([schedule()]) or steps[-1][0]
+    t_start = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    for _ in range(n_req):
+        engine.add_request(None, [rng.randrange(3, shape["vocab_size"]) for _ in range(p_len)], params)
+    while engine.has_unfinished_requests():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        steps[-1].append(now - s0)
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            if o.request_id not in first and n:
+                first[o.request_id] = now - t_start
+            elif o.request_id in last:
+                gaps.append(now - last[o.request_id])
+            last[o.request_id] = now
+    wall = time.perf_counter() - t_start
+    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
+    decode = []
+    for entry in steps:
+        if len(entry) < 2 or entry[0].is_empty:
+            continue
+        sched, seconds = entry
+        if all(s.num_new_tokens == 1 for s in sched.scheduled):
+            ctx = sum(s.request.num_computed_tokens + 1 for s in sched.scheduled)
+            floor = (weights + ctx * kv_token) / (gb_s * 1e9)
+            decode.append((len(sched.scheduled), seconds, floor))
+    full = [d for d in decode if d[0] >= 0.9 * max((d[0] for d in decode), default=0)]
+    out = {"requests": n_req, "prompt_tokens": p_len, "output_tokens": o_len, "shape": shape,
+           "gpu_memory_utilization": util, "startup_s": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
+           "cuda_graphs": engine.runner.graphs is not None, "backend": engine.platform.describe(),
+           "wall_s": wall, "output_tok_s": n_req * o_len / wall, "preemptions": engine.scheduler.num_preemptions,
+           "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),
+           "weights_gib": weights / GiB, "decode_steps": len(decode)}
+    if full:
+        out.update(decode_batch=statistics.median(d[0] for d in full),
+                   decode_step_ms=1e3 * statistics.median(d[1] for d in full),
+                   bandwidth_floor_ms=1e3 * statistics.median(d[2] for d in full),
+                   fraction_of_floor=statistics.median(d[2] / d[1] for d in full))
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
+                   used_gib=(total - free) / GiB)
+    del engine
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", required=True, help="where to write the results")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script, not the GPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result: dict = {"smoke": args.smoke}
+    failed = []
+    gb_s = 100.0
+
+    def section(name, fn):
+        if args.only is not None and name not in args.only:
+            return None
+        t0 = time.perf_counter()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        try:
+            result[name] = fn()
+        except Exception:
+            failed.append(name)
+            result[name] = {"error": traceback.format_exc()[-3000:]}
+        result.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        with open(args.json, "w") as f:  # after every section: a timeout keeps what was done
+            json.dump(result, f, indent=2, default=str)
+        print(json.dumps(result[name], default=str)[:2000], file=sys.stderr, flush=True)
+        return result[name]
+
+    with tempfile.TemporaryDirectory() as workdir:
+        section("versions", lambda: versions(device))
+        bw = section("bandwidth", lambda: bandwidth(device, args.smoke))
+        if isinstance(bw, dict) and "gb_s" in bw:
+            gb_s = bw["gb_s"]
+        section("kernels", lambda: kernels(device, dtype, args.smoke))
+        section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
+        section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None))
+        section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
+    checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]
+    checks += [t.get("token_exact") for t in result.get("tiny_exact", []) if isinstance(t, dict)]
+    result["all_ok"] = not failed and all(checks)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"wrote {args.json}: all_ok={result['all_ok']} failed sections={failed}", file=sys.stderr)
+    return 0 if result["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

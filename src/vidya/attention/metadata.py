@@ -16,7 +16,7 @@ and prefill rows are one kind of work for a kernel; the reference walks the sequ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,3 +33,5 @@ class AttentionMetadata:
     # a CUDA graph's fixed decode tile map for the Triton kernel (query starts, tile -> sequence,
     # tile -> first row), so that nothing is built on the host inside a captured step
     static_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # a backend's own view of this layout, built by the step's first layer, reused by the rest
+    derived: dict = field(default_factory=dict)

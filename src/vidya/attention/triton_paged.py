@@ -129,26 +129,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         BLOCK_T=WRITE_TOKENS, BS=k_cache.shape[1], D=d, D_PAD=_pow2(d, 16))
 
 
-class _Tiles:
-    """The step's tile maps, rebuilt when a new step's metadata arrives (every layer reuses them)."""
-
-    meta: AttentionMetadata | None = None
-    key: tuple[int, int] = (0, 0)
-    maps: tuple = ()
-
-
-_tiles = _Tiles()
-
-
 def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int, device: torch.device):
     """(query_starts, [(block_q, tile_seq, tile_q0) for the decode rows, then the prefill chunks]),
     as device tensors; a part with no tiles is left out."""
     if meta.static_tiles is not None:  # a captured decode step: one tile per sequence
         starts_t, tile_seq, tile_q0 = meta.static_tiles
         return starts_t, [(block_q_decode, tile_seq, tile_q0)]
-    key = (block_q_decode, block_q_prefill)
-    if _tiles.meta is meta and _tiles.key == key:
-        return _tiles.maps
+    key = ("triton_tiles", block_q_decode, block_q_prefill)
+    if key in meta.derived:
+        return meta.derived[key]
     starts = meta.query_starts
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     parts = []
@@ -161,8 +150,8 @@ def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int
                 tile_q0.append(q0)
         if tile_seq:
             parts.append((block_q, as_t(tile_seq), as_t(tile_q0)))
-    _tiles.meta, _tiles.key, _tiles.maps = meta, key, (as_t(starts), parts)
-    return _tiles.maps
+    meta.derived[key] = (as_t(starts), parts)
+    return meta.derived[key]
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

@@ -3,9 +3,11 @@ hand-made sweep, impossible targets, bad input, the chart."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from serverutil import LiveServer
@@ -97,6 +99,12 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
             assert lv["ttft_p99_ms"] > 0 and lv["e2e_p99_ms"] >= lv["ttft_p99_ms"]
             assert lv["prompt_tokens_per_request"] > 100 and lv["output_tokens_per_request"] == 128
             assert 0 < lv["kv_cache_usage_peak"] <= 1 and lv["preemptions"] == 0
+        # each request is a new question: level 4 replays level 1's conversations, yet the prefix
+        # cache may hit only what they share before the tag (under one 16-token block of template
+        # and a 12-token system prompt), never a whole earlier conversation
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        hits = float(re.search(r"^vidya:prefix_cache_hits_total\S* (\S+)$", metrics, re.M).group(1))
+        assert hits <= 16 * 12, hits
         r = vidya("plan", "--sweep", str(out), "--p99-ttft", "60", "--json")
         p = json.loads(r.stdout)
         assert r.returncode == 0 and p["operating_concurrency"] in (1, 4) and p["replicas"] >= 1

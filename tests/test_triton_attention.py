@@ -20,25 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def batch(q_lens, ctx_lens, block_size, num_blocks, seed=0):
-    """A flat batch as the model runner lays it out: sequence i computes its last q_lens[i] of
-    ctx_lens[i] tokens (the earlier ones are already cached), decodes (q_len 1) first; blocks
-    shuffled so that tables are not in order."""
+    """A flat batch as the model runner lays it out (decodes first), blocks shuffled so that
+    tables are not in order."""
     rng = random.Random(seed)
     free = list(range(1, num_blocks))
     rng.shuffle(free)
-    tables, slots, starts, row_seq, row_ctx = [], [], [0], [], []
-    for i, (ql, ctx) in enumerate(zip(q_lens, ctx_lens)):
-        table = [free.pop() for _ in range(-(-ctx // block_size))]
-        tables.append(table)
-        for p in range(ctx - ql, ctx):
-            slots.append(table[p // block_size] * block_size + p % block_size)
-            row_seq.append(i)
-            row_ctx.append(p + 1)
-        starts.append(starts[-1] + ql)
-    width = max(len(t) for t in tables)
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=DEVICE)
-    return AttentionMetadata(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq), t(row_ctx),
-                             t(list(ctx_lens)), starts, sum(1 for q in q_lens if q == 1))
+    tables = [[free.pop() for _ in range(-(-ctx // block_size))] for ctx in ctx_lens]
+    return AttentionMetadata.for_sequences(q_lens, ctx_lens, tables, block_size, DEVICE)
 
 
 CASES = [  # (kv heads, query heads, head size, block size, window)

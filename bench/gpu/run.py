@@ -92,19 +92,8 @@ def kernels(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]
         per_seq = [-(-c // bs) for c in ctx_lens]
         blocks = list(range(1, sum(per_seq) + 1))
         rng.shuffle(blocks)
-        tables, slots, starts, row_seq, row_ctx = [], [], [0], [], []
-        for i, (ql, c) in enumerate(zip(q_lens, ctx_lens)):
-            table = [blocks.pop() for _ in range(per_seq[i])]
-            tables.append(table)
-            for p in range(c - ql, c):
-                slots.append(table[p // bs] * bs + p % bs)
-                row_seq.append(i)
-                row_ctx.append(p + 1)
-            starts.append(starts[-1] + ql)
-        width = max(per_seq)
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
-        meta = AttentionMetadata(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq),
-                                 t(row_ctx), t(ctx_lens), starts, decodes)
+        tables = [[blocks.pop() for _ in range(n)] for n in per_seq]
+        meta = AttentionMetadata.for_sequences(q_lens, ctx_lens, tables, bs, device)
         nb = sum(per_seq) + 1
         k_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)
         v_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)

@@ -35,3 +35,21 @@ class AttentionMetadata:
     static_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # a backend's own view of this layout, built by the step's first layer, reused by the rest
     derived: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_sequences(cls, q_lens: list[int], ctx_lens: list[int], tables: list[list[int]], block_size: int,
+                      device) -> "AttentionMetadata":
+        """The layout of sequences given directly (sequence i computes the last q_lens[i] of its
+        ctx_lens[i] tokens, its blocks tables[i]; decodes, q_len 1, first): for the profiling
+        forward, kernel tests and benchmarks. The model runner builds the same from a step."""
+        slots, starts, row_seq, row_ctx = [], [0], [], []
+        for i, (ql, ctx, table) in enumerate(zip(q_lens, ctx_lens, tables)):
+            for p in range(ctx - ql, ctx):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+                row_seq.append(i)
+                row_ctx.append(p + 1)
+            starts.append(starts[-1] + ql)
+        width = max(len(t) for t in tables)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+        return cls(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq), t(row_ctx),
+                   t(list(ctx_lens)), starts, sum(1 for q in q_lens if q == 1))

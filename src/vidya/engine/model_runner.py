@@ -72,11 +72,7 @@ def profile_forward(model, ops, model_config, num_tokens: int, max_len: int, num
     tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     positions = [p for n in lens for p in range(n)]
     tables = [[i * per_seq + b for b in range(per_seq)] for i in range(len(lens))]
-    meta = AttentionMetadata(
-        slot_mapping=tensor([i * per_seq * block_size + p for i, n in enumerate(lens) for p in range(n)]),
-        block_tables=tensor(tables), row_seq=tensor([i for i, n in enumerate(lens) for _ in range(n)]),
-        row_ctx=tensor([p + 1 for p in positions]), seq_lens=tensor(lens),
-        query_starts=[sum(lens[:i]) for i in range(len(lens) + 1)], num_decodes=0)
+    meta = AttentionMetadata.for_sequences(lens, lens, tables, block_size, device)
     ids = tensor([1] * num_tokens)
     hidden = model(ids, tensor(positions), caches, meta, ops)
     rows = hidden[-min(num_sample_rows, num_tokens):]

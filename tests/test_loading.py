@@ -189,3 +189,26 @@ def test_dummy_weights_serve_a_model_from_its_config_alone(tiny_models, tmp_path
     assert len(out[0].outputs[0].token_ids) == 6
     with pytest.raises(ValueError, match="load_format must be one of"):
         LLM(str(d), load_format="npcache")
+
+
+def test_gguf_header_reader_matches_the_gguf_library(tmp_path):
+    """vidya's GGUF header reader (vidya.models.gguf_file.reader, which steps over the vocabulary
+    instead of building an array per entry) gives the gguf library's tensors and metadata."""
+    import numpy as np
+    from gguf import GGUFReader
+    from vidya.models import gguf_file, loader
+    path = loader.resolve("smollm2").path
+    ours, theirs = gguf_file.reader(path), GGUFReader(path)
+    assert [(t.name, t.tensor_type) for t in ours.tensors] == [(t.name, t.tensor_type) for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+    for key, f in theirs.fields.items():
+        if not key.startswith("GGUF.") and not isinstance(f.contents(), list):
+            assert ours.fields[key] == f.contents(), key
+    assert ours.fields["tokenizer.ggml.tokens"] == len(theirs.fields["tokenizer.ggml.tokens"].contents())
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(head)
+    with pytest.raises(ValueError, match="truncated"):
+        gguf_file.reader(str(truncated))

@@ -2,7 +2,6 @@
 and Qwen2 models in float32: plain, chunked prefill, preemption, prefix-cache hits, n=3."""
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -53,24 +52,11 @@ def generate(engine, prompts, params=None, stagger=False) -> list:
 
 
 BACKENDS = ("cpu", "torch", "triton")  # the C++ kernels, the pure-torch reference, Triton attention (interpreted on CPU)
-# Triton interpreted on CPU takes 10-20 s a case: `make test` runs these (every architecture
-# plain; the window crossed by chunks and by cached prefixes; preemption); VIDYA_TEST_TRITON=full,
-# or a CUDA GPU, runs every case.
-TRITON_SUBSET = ({("test_plain_batch", a) for a in ARCHS}
-                 | {("test_chunked_prefill_of_seven", "gemma3"), ("test_preemption_under_a_tiny_pool", "llama"),
-                    ("test_prefix_cache_hits", "gemma3"), ("test_prefix_cache_hits", "llama")})
-
-
-def triton_subset(request, arch: str, backend: str) -> None:
-    if (backend == "triton" and (request.node.originalname, arch) not in TRITON_SUBSET
-            and not torch.cuda.is_available() and os.environ.get("VIDYA_TEST_TRITON") != "full"):
-        pytest.skip("interpreted Triton: outside make test's subset (VIDYA_TEST_TRITON=full runs it)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_plain_batch(arch, backend, tiny_models, references, request):
-    triton_subset(request, arch, backend)
+def test_plain_batch(arch, backend, tiny_models, references):
     engine = make_engine(tiny_models[arch][0], backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
@@ -80,8 +66,7 @@ def test_plain_batch(arch, backend, tiny_models, references, request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_prefill_of_seven(arch, backend, tiny_models, references, request):
-    triton_subset(request, arch, backend)
+def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
     engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7, backend=backend)
     prompts, want = references[arch]
     outs = generate(engine, prompts)
@@ -91,8 +76,7 @@ def test_chunked_prefill_of_seven(arch, backend, tiny_models, references, reques
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references, request):
-    triton_subset(request, arch, backend)
+def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references):
     # 20 blocks of 4 = 80 slots; the longest request needs 57 + 12 = 69.
     engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16,
                          backend=backend)
@@ -105,8 +89,7 @@ def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references, re
 
 @pytest.mark.parametrize("backend", ("auto", "triton"))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefix_cache_hits(arch, backend, tiny_models, request):
-    triton_subset(request, arch, backend)
+def test_prefix_cache_hits(arch, backend, tiny_models):
     model_dir, model = tiny_models[arch]
     rng = random.Random(3)
     system = [rng.randrange(3, model.config.vocab_size) for _ in range(12)]  # exactly 3 blocks of 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -126,6 +127,24 @@ def test_wrong_model_is_refused_before_serving():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_impossible_backend_is_refused_before_serving():
+    """`--attention-backend triton` with no GPU (and no interpreter asked for): exit 2 and the fix,
+    before the port opens; the variable read once at start-up is checked the same way."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: triton attention would serve")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for extra, words in (({}, "triton needs a CUDA GPU"),
+                         ({"VIDYA_ATTENTION_BACKEND": "flash"}, "VIDYA_ATTENTION_BACKEND must be one of")):
+        args = ["--attention-backend", "triton"] if not extra else []
+        r = subprocess.run([sys.executable, "-m", "vidya.cli", "serve", "--port", "1", *args],
+                           capture_output=True, text=True, timeout=120, env={**env, **extra})
+        if "triton package" in r.stderr:
+            pytest.skip("the triton package is not installed here")
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr
 
 
 def worst_request(server) -> dict:

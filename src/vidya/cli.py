@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
                    help="paged attention: auto (triton on CUDA, the C++ kernels' own on CPU; or "
                         "VIDYA_ATTENTION_BACKEND), torch (the reference), cpu, triton")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model across this many processes (one per GPU; gloo on CPU)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step runs eagerly (GPU only)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -45,7 +47,8 @@ def engine_args(args, show_progress: bool = True):
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                       backend=args.backend, device=args.device, attention_backend=args.attention_backend,
-                      load_format=args.load_format, enforce_eager=args.enforce_eager, show_progress=show_progress)
+                      load_format=args.load_format, enforce_eager=args.enforce_eager,
+                      tensor_parallel_size=args.tensor_parallel_size, show_progress=show_progress)
 
 
 def origins(value: str) -> list[str]:

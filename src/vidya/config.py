@@ -62,6 +62,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # torch, cpu, triton; "auto" reads VIDYA_ATTENTION_BACKEND, else by device
     load_format: str = "auto"  # "dummy": random weights from the model's config (as vLLM's)
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's name)
+    tensor_parallel_size: int = 1  # ranks the model is split across (vllm's name)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +73,8 @@ class EngineArgs:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):

@@ -64,6 +64,13 @@ class Platform:
                 "weight_dtype": name(self.weight_dtype), "kv_cache_dtype": name(self.kv_dtype)}
 
 
+@dataclass(frozen=True, slots=True)
+class TPGroup:
+    """This process's place in a tensor-parallel group (vidya/engine/tensor_parallel.py)."""
+    rank: int = 0
+    world_size: int = 1
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

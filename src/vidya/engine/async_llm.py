@@ -42,7 +42,8 @@ class AsyncLLM:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """The engine thread runs, has not failed, and every tensor-parallel rank lives."""
+        return self._thread.is_alive() and self.error is None and self.engine.workers_alive()
 
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)

@@ -23,7 +23,8 @@ from vidya.engine.token_bytes import TokenBytes
 from vidya.models import loader, registry
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
-from vidya.platform import resolve_platform
+from vidya.engine.tensor_parallel import Workers, init_group, shard_config, threads_per_rank, tp_backend
+from vidya.platform import TPGroup, resolve_platform
 from vidya.sampling_params import SamplingParams
 
 
@@ -61,34 +62,51 @@ class LLMEngine:
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        self.platform = resolve_platform(args.device, args.dtype, args.backend, args.attention_backend)
+        world = args.tensor_parallel_size
+        backend = tp_backend(args.backend) if world > 1 else args.backend
+        self.platform = resolve_platform(args.device, args.dtype, backend, args.attention_backend)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
         self.model_config = loader.load_config(src)
+        shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
         self.max_model_len = self._max_model_len(args.max_model_len)
         self._log(f"backend: {self.platform.describe()}")
+        self.workers, tp = None, TPGroup()
+        if world > 1:  # ranks 1..N-1 start now and load beside rank 0
+            torch.set_num_threads(threads_per_rank(world))
+            self.workers = Workers(args, world)
+            tp = init_group(0, world, self.workers.port, self.device)
+            self.workers.broadcast(("load", self.max_model_len))
+            self._log(f"tensor parallel: {world} ranks on torch.distributed "
+                      f"({'nccl' if self.device.type == 'cuda' else 'gloo'})")
         kind = 'dummy weights' if args.load_format == 'dummy' else 'GGUF' if src.is_gguf else 'safetensors'
         self._log(f"loading {args.model} ({kind})")
-        model = loader.load_model(src, self.model_config, self.dtype, self.device, self.max_model_len,
-                                  load_format=args.load_format,
-                                  progress=args.show_progress)
-        self.num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once
+        model = loader.load_model(src, shard, self.dtype, self.device, self.max_model_len,
+                                  load_format=args.load_format, progress=args.show_progress, tp=tp)
+        # (tied weights once; under tensor parallelism a shard's count times the ranks, norms included)
+        self.num_parameters = sum(p.numel() for p in model.parameters()) * world
         cache = args.cache_config()
         sched_config = args.scheduler_config(self.max_model_len)
         max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
         self.ops = make_ops(self.platform)
+        self.ops.tp = tp
         activations = 0
         if self.device.type == "cuda" and cache.num_gpu_blocks_override is None:
-            activations = profile_forward(model, self.ops, self.model_config, sched_config.max_num_batched_tokens,
-                                          self.max_model_len, sched_config.max_num_seqs, cache.block_size,
-                                          self.platform.kv_dtype, self.device)
+            profile = (sched_config.max_num_batched_tokens, self.max_model_len, sched_config.max_num_seqs,
+                       cache.block_size, self.platform.kv_dtype, self.device)
+            if self.workers is not None:
+                self.workers.broadcast(("profile", profile))
+            activations = profile_forward(model, self.ops, shard, *profile)
             self._log(f"profiling forward of {sched_config.max_num_batched_tokens} tokens: "
                       f"peak activations {activations / 2**30:.2f} GiB")
-        num_blocks = num_kv_blocks(cache, self.model_config, self.platform.kv_dtype, self.device, max_useful,
-                                   activations)
-        self.runner = ModelRunner(model, self.model_config, cache, num_blocks, self.platform, self.ops)
-        if self.device.type == "cuda" and self.platform.attention == "triton" and not args.enforce_eager:
+        num_blocks = num_kv_blocks(cache, shard, self.platform.kv_dtype, self.device, max_useful, activations)
+        if self.workers is not None:
+            self.workers.broadcast(("cache", num_blocks, cache))
+        self.runner = ModelRunner(model, shard, cache, num_blocks, self.platform, self.ops)
+        self.runner.workers = self.workers
+        if (self.device.type == "cuda" and self.platform.attention == "triton" and not args.enforce_eager
+                and world == 1):  # (captured collectives across ranks: not yet)
             buckets = decode_buckets(sched_config.max_num_seqs)
             seconds = self.runner.capture_decode_graphs(buckets, -(-self.max_model_len // cache.block_size))
             self._log(f"captured {len(buckets)} CUDA graphs for decode batches of up to {buckets[-1]} in {seconds:.1f} s")
@@ -103,6 +121,16 @@ class LLMEngine:
         self._ids = itertools.count()
         self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
+
+    def workers_alive(self) -> bool:
+        return self.workers is None or self.workers.alive()
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); `kill` when rank 0 cannot take
+        part in one more collective (a step is stuck)."""
+        if self.workers is not None:
+            self.workers.close(kill)
+            self.workers = None
 
     def _log(self, msg: str) -> None:
         if self.args.show_progress:

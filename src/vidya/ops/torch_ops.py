@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from vidya.attention.metadata import AttentionMetadata
 from vidya.attention.paged import paged_attention
+from vidya.platform import TPGroup
 from vidya.models.rope import apply_rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -28,15 +29,31 @@ def attention_impl(name: str):
 
 
 class TorchOps:
+    # this rank's place in a tensor-parallel group (vidya/engine/tensor_parallel.py); one rank alone
+    # by default, where all_reduce and the vocabulary split are no-ops
+    tp = TPGroup()
+
     def __init__(self, platform) -> None:
         """`platform` (vidya/platform.py) says what this machine runs: here, which attention."""
         self.paged_attention = attention_impl(platform.attention)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the tensor-parallel ranks of a row-parallel projection's partial output."""
+        if self.tp.world_size > 1:
+            torch.distributed.all_reduce(x)
+        return x
 
     def prepare(self, model) -> None:
         """Lay out the model's weights for this backend, once, after loading."""
 
     def embed(self, embedding, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, embedding.weight)
+        if self.tp.world_size == 1:
+            return F.embedding(ids, embedding.weight)
+        rows = embedding.weight.shape[0]  # this rank's slice of the vocabulary
+        local = ids - self.tp.rank * rows
+        outside = (local < 0) | (local >= rows)
+        x = F.embedding(local.clamp(0, rows - 1), embedding.weight)
+        return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
     def linear(self, lin, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, lin.weight, lin.bias)
@@ -70,8 +87,14 @@ class TorchOps:
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:
-        """In the model's dtype; the sampler converts to float32 where it needs to."""
-        return self.linear(lm_head, hidden)
+        """In the model's dtype; the sampler converts to float32 where it needs to. Under tensor
+        parallelism every rank computes its vocabulary slice and all of them are gathered."""
+        local = self.linear(lm_head, hidden)
+        if self.tp.world_size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp.world_size)]
+        torch.distributed.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=-1)
 
     def argmax(self, lm_head, hidden: torch.Tensor) -> torch.Tensor | None:
         """The greedy token of each row without writing the logits, where this backend can; else None."""

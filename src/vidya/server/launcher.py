@@ -43,6 +43,7 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self.drain_started: float | None = None
         self.cut_at: float | None = None
+        self.engine_died = False
 
     def handle_exit(self, sig: int, frame) -> None:  # runs in the signal handler
         if self.drain_started is not None:
@@ -54,6 +55,14 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
+            return True
+        llm = self.state.llm
+        if llm is not None and not llm.is_alive and not self.engine_died:
+            # the engine (or a tensor-parallel rank) died: exit non-zero so that the pod restarts
+            self.engine_died = True
+            print(f"vidya: the engine stopped ({llm.error or 'a tensor-parallel rank died'}); exiting",
+                  file=sys.stderr, flush=True)
+            llm.fail_open_requests("the engine stopped; retry the request")
             return True
         if self.drain_started is None:
             return False
@@ -103,12 +112,15 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
     threading.Thread(target=load_engine, args=(args, settings, state, server), name="vidya-load", daemon=True).start()
     _lower_priority_of_this_thread()
     server.run()
-    code = 1 if state.load_error or not server.started else 0
+    code = 1 if state.load_error or not server.started or server.engine_died else 0
     if state.llm is not None and not state.llm.shutdown(timeout=ENGINE_STOP_S):
         # a step still runs in C++ code: leave without finalizing the interpreter under it
         print("vidya: the engine's last step did not end in time; exiting without it", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        state.llm.engine.close(kill=True)
         os._exit(code)
+    if state.llm is not None:
+        state.llm.engine.close()  # tensor-parallel workers, if any
     return code
 
 

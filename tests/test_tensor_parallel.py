@@ -1,0 +1,124 @@
+"""Tensor parallelism on CPU (gloo, two processes): greedy outputs at TP=2 equal TP=1 token for
+token on tiny random Llama and Qwen2 models in fp32 (plain batch, prefill chunked by 7, prefix
+hits), each rank holds half the weights and half the KV cache, and a model whose heads do not
+divide is refused with the numbers."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from conftest import make_engine, run_to_completion
+from vidya import SamplingParams
+
+NEW = 10
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(11)
+    system = [rng.randrange(3, vocab) for _ in range(12)]
+    return ([[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 5, 17, 40)]
+            + [system + [rng.randrange(3, vocab) for _ in range(k)] for k in (3, 9)])
+
+
+def greedy_run(engine, batch: list[list[int]], stagger: bool = False) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, min_tokens=NEW)
+    ids = []
+    for p in batch:
+        ids.append(engine.add_request(None, p, params))
+        if stagger:  # the later prompts find the earlier ones' blocks in the prefix cache
+            engine.step()
+    done = run_to_completion(engine)
+    return [done[i].outputs[0].token_ids for i in ids]
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+def test_tp2_equals_tp1_token_for_token(arch, tiny_models):
+    model_dir, hf = tiny_models[arch]
+    batch = prompts(hf.config.vocab_size)
+    one = make_engine(model_dir, backend="torch")
+    want_plain, want_staggered = greedy_run(one, batch), greedy_run(one, batch, stagger=True)
+    for kwargs in ({}, {"max_num_batched_tokens": 7}):
+        two = make_engine(model_dir, tensor_parallel_size=2, **kwargs)
+        try:
+            assert two.platform.backend == "torch"
+            assert greedy_run(two, batch) == want_plain
+            hits = two.kv.prefix_hits
+            assert greedy_run(two, batch, stagger=True) == want_staggered
+            assert two.kv.prefix_hits > hits, "the staggered run was meant to hit the prefix cache"
+        finally:
+            two.close()
+
+
+def test_each_rank_holds_half_the_weights_and_kv_cache(tiny_models):
+    model_dir, _ = tiny_models["llama"]
+    one = make_engine(model_dir, backend="torch", num_gpu_blocks_override=64)
+    two = make_engine(model_dir, tensor_parallel_size=2, num_gpu_blocks_override=64)
+    try:
+        size = lambda e: sum(p.numel() * p.element_size() for p in e.runner.model.parameters())
+        kv = lambda e: sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in e.runner.kv_caches)
+        norms = sum(p.numel() * 4 for n, p in one.runner.model.named_parameters() if n.endswith("norm.weight"))
+        assert size(two) == (size(one) - norms) / 2 + norms  # only the norms are kept whole on each rank
+        assert kv(two) == kv(one) / 2
+    finally:
+        two.close()
+
+
+def test_heads_that_do_not_divide_are_refused_with_the_numbers(tiny_models):
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's attention heads 4, "
+                                         "KV heads 2, intermediate size 128"):
+        make_engine(tiny_models["llama"][0], tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="runs on the torch ops"):
+        make_engine(tiny_models["llama"][0], tensor_parallel_size=2, backend="cpu")
+    assert torch.distributed.is_available()
+
+
+def tp_workers(pid: int) -> list[int]:
+    """The server's tensor-parallel ranks: its children started by multiprocessing's spawn (not
+    its resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    out = []
+    for c in children:
+        try:
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                cmd = f.read()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(c)
+    return out
+
+
+def test_served_tp2_answers_then_sigterm_stops_every_rank(tiny_models):
+    import openai
+    from serverutil import LiveServer
+    s = LiveServer("--model", tiny_models["llama"][0], "--served-model-name", "tiny", "--dtype", "float32",
+                   "--max-model-len", "256", "--no-tutor-warmup", "--tensor-parallel-size", "2")
+    try:
+        workers = tp_workers(s.proc.pid)
+        assert len(workers) == 1
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        r = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+        assert s.terminate() == 0
+        assert not os.path.exists(f"/proc/{workers[0]}") or "Z" in open(f"/proc/{workers[0]}/stat").read().split()[2]
+    finally:
+        s.terminate()
+
+
+def test_a_dead_rank_fails_readiness_and_the_server_exits_non_zero(tiny_models):
+    from serverutil import LiveServer
+    s = LiveServer("--model", tiny_models["llama"][0], "--dtype", "float32", "--max-model-len", "256",
+                   "--no-tutor-warmup", "--tensor-parallel-size", "2")
+    try:
+        (worker,) = tp_workers(s.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        code = s.proc.wait(timeout=60)
+        assert code != 0
+        assert "a tensor-parallel rank died" in s.log() and "Traceback" not in s.log()
+    finally:
+        s.terminate()

@@ -52,6 +52,9 @@ def generate(engine, prompts, params=None, stagger=False) -> list:
 
 
 BACKENDS = ("cpu", "torch", "triton")  # the C++ kernels, the pure-torch reference, Triton attention (interpreted on CPU)
+# Triton interpreted on CPU takes ~8 s a case: chunked prefill and preemption run it on Llama (GQA,
+# llama3 RoPE) and Gemma 3 (windows, q/k norms) only; plain batches and prefix hits on every family
+LONG_CASES = [(a, b) for a in ARCHS for b in BACKENDS if b != "triton" or a in ("llama", "gemma3")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,8 +67,7 @@ def test_plain_batch(arch, backend, tiny_models, references):
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,backend", LONG_CASES)
 def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
     engine = make_engine(tiny_models[arch][0], max_num_batched_tokens=7, backend=backend)
     prompts, want = references[arch]
@@ -74,8 +76,7 @@ def test_chunked_prefill_of_seven(arch, backend, tiny_models, references):
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,backend", LONG_CASES)
 def test_preemption_under_a_tiny_pool(arch, backend, tiny_models, references):
     # 20 blocks of 4 = 80 slots; the longest request needs 57 + 12 = 69.
     engine = make_engine(tiny_models[arch][0], num_gpu_blocks_override=20, max_num_batched_tokens=16,

@@ -17,7 +17,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
-OVERLAYS = ("overlays/cpu", "overlays/gpu-a10", "monitoring")
+OVERLAYS = ("overlays/cpu", "overlays/gpu-a10", "overlays/gpu-a100x4", "monitoring")
 K8S_VERSION = "1.33.0"
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.cuda")
 
@@ -66,7 +66,7 @@ def test_the_validator_would_catch_a_mistake():
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu-a10"])
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu-a10", "overlays/gpu-a100x4"])
 def test_rollouts_never_cut_an_answer(overlay):
     docs = render(overlay)
     pod = of_kind(docs, "Deployment")["spec"]["template"]["spec"]
@@ -167,3 +167,18 @@ def test_the_cpu_overlay_scales_where_the_plan_says():
     hpa = of_kind(render("overlays/cpu"), "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == str(plan["hpa_target_running_per_pod"])
     assert hpa["spec"]["maxReplicas"] == plan["replicas"]
+
+
+def test_the_70b_overlay_splits_the_model_across_the_pods_four_gpus():
+    """gpu-a100x4: --tensor-parallel-size equals the GPUs the pod asks for, and NCCL gets a
+    memory-backed /dev/shm larger than the container default."""
+    docs = render("overlays/gpu-a100x4")
+    pod = of_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    tp = int(args[args.index("--tensor-parallel-size") + 1])
+    assert tp == 4 == int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert "70B" in args[args.index("--model") + 1]
+    shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == shm[0]["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"

@@ -2,6 +2,7 @@
 returns the logits of the rows that sample."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ class ModelRunner:
         """A tensor-parallel worker's part of rank 0's step: the forward on this rank's shard and
         its slice of the logits, which the ops gather to rank 0."""
         input_ids, positions, meta, logits_indices = step
+        if input_ids.device != self.device:  # (rank 0's tensors arrive on rank 0's GPU)
+            to = lambda t: t.to(self.device)
+            input_ids, positions, logits_indices = to(input_ids), to(positions), to(logits_indices)
+            meta = dataclasses.replace(meta, **{f.name: to(getattr(meta, f.name)) for f in dataclasses.fields(meta)
+                                                if isinstance(getattr(meta, f.name), torch.Tensor)})
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.ops)
         if logits_indices.numel():
             self.ops.logits(self.model.lm_head, hidden[logits_indices])

@@ -18,6 +18,7 @@ cache and sampling stay on rank 0 alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import multiprocessing as mp
 import os
@@ -132,6 +133,9 @@ def worker_main(args, rank: int, world: int, port: int) -> None:
     from vidya.platform import resolve_platform
     torch.set_num_threads(threads_per_rank(world))
     platform = resolve_platform(args.device, args.dtype, tp_backend(args.backend), args.attention_backend)
+    if platform.device.type == "cuda":  # one GPU per rank (untested: no machine with several was lent)
+        platform = dataclasses.replace(platform, device=torch.device("cuda", rank))
+        torch.cuda.set_device(platform.device)
     tp = init_group(rank, world, port, platform.device)
     src = loader.resolve(args.model)
     shard = shard_config(loader.load_config(src), world)

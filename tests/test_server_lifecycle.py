@@ -130,15 +130,17 @@ def test_wrong_model_is_refused_before_serving():
 
 
 def test_an_impossible_backend_is_refused_before_serving():
-    """`--attention-backend triton` with no GPU (and no interpreter asked for): exit 2 and the fix,
-    before the port opens; the variable read once at start-up is checked the same way."""
+    """`--attention-backend triton` or `--device cuda` with no GPU (and no interpreter asked for),
+    tensor parallelism on the C++ kernels: exit 2 and the fix, before the port opens; the variable
+    read once at start-up is checked the same way."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: triton attention would serve")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for extra, words in (({}, "triton needs a CUDA GPU"),
-                         ({"VIDYA_ATTENTION_BACKEND": "flash"}, "VIDYA_ATTENTION_BACKEND must be one of")):
-        args = ["--attention-backend", "triton"] if not extra else []
+    for args, extra, words in ((["--attention-backend", "triton"], {}, "triton needs a CUDA GPU"),
+                               ([], {"VIDYA_ATTENTION_BACKEND": "flash"}, "VIDYA_ATTENTION_BACKEND must be one of"),
+                               (["--device", "cuda"], {}, "no CUDA GPU is available"),
+                               (["--tensor-parallel-size", "2", "--backend", "cpu"], {}, "runs on the torch ops")):
         r = subprocess.run([sys.executable, "-m", "vidya.cli", "serve", "--port", "1", *args],
                            capture_output=True, text=True, timeout=120, env={**env, **extra})
         if "triton package" in r.stderr:

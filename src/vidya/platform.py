@@ -147,11 +147,9 @@ def _attention_backend(p: Platform, asked: str, source: str) -> str:
 
 
 def triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the triton package is installed (found, not imported: importing it is slow)."""
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def _cpu_platform(dev: torch.device, dtype: str, backend: str, source: str) -> Platform:

@@ -56,6 +56,13 @@ def prefix_waves(prompts: list[list[int]], block_size: int) -> list[list[list[in
     return waves
 
 
+def engine_platform(args: EngineArgs):
+    """The platform every rank of an engine with these arguments runs on (tensor parallelism
+    runs on the torch ops: auto means torch there)."""
+    backend = tp_backend(args.backend) if args.tensor_parallel_size > 1 else args.backend
+    return resolve_platform(args.device, args.dtype, backend, args.attention_backend)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         t0 = time.perf_counter()
@@ -63,8 +70,7 @@ class LLMEngine:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         world = args.tensor_parallel_size
-        backend = tp_backend(args.backend) if world > 1 else args.backend
-        self.platform = resolve_platform(args.device, args.dtype, backend, args.attention_backend)
+        self.platform = engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
         self.model_config = loader.load_config(src)

@@ -130,9 +130,9 @@ def worker_main(args, rank: int, world: int, port: int) -> None:
     from vidya.engine.model_runner import ModelRunner, profile_forward
     from vidya.models import loader
     from vidya.ops import make_ops
-    from vidya.platform import resolve_platform
+    from vidya.engine.llm_engine import engine_platform
     torch.set_num_threads(threads_per_rank(world))
-    platform = resolve_platform(args.device, args.dtype, tp_backend(args.backend), args.attention_backend)
+    platform = engine_platform(args)
     if platform.device.type == "cuda":  # one GPU per rank (untested: no machine with several was lent)
         platform = dataclasses.replace(platform, device=torch.device("cuda", rank))
         torch.cuda.set_device(platform.device)

@@ -20,9 +20,8 @@ import uvicorn
 
 from vidya.config import EngineArgs
 from vidya.engine.async_llm import AsyncLLM
-from vidya.engine.llm_engine import LLMEngine
+from vidya.engine.llm_engine import LLMEngine, engine_platform
 from vidya.models import loader
-from vidya.platform import resolve_platform
 from vidya.server.app import ServerSettings, ServerState, build_app
 from vidya.server.serving import Serving
 from vidya.tutor.warmup import system_prefixes
@@ -102,7 +101,7 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
           shutdown_timeout: float = 30.0, timeout_keep_alive: int = 75, log_level: str = "info",
           access_log: bool = True) -> int:
     loader.resolve(args.model)  # a wrong --model fails here, before the port opens
-    resolve_platform(args.device, args.dtype, args.backend, args.attention_backend)  # and a wrong backend
+    engine_platform(args)  # and an impossible device or backend
     state = ServerState()
     app = build_app(settings, state)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,

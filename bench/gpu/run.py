@@ -11,6 +11,11 @@
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
                  a step reads / measured bandwidth), peak GPU memory
     serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
+    a10          the A10 projected (vidya/bench/roofline.py): the KV room 24 GB leaves Llama-3-8B in
+                 bf16 (with the activations the 24 GB run profiled), the batch it holds, the decode
+                 step at 600 GB/s divided by the efficiency the 24 GB run reached against its own
+                 floor, output tok/s for the bench's requests and for the tutor's, against the
+                 compute ceiling
 
 `--smoke` runs every section at toy sizes (on CPU: Triton interpreted) so that the script is
 tested where no GPU is; its numbers mean nothing.
@@ -219,7 +224,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
            "cuda_graphs": engine.runner.graphs is not None, "backend": engine.platform.describe(),
            "wall_s": wall, "output_tok_s": n_req * o_len / wall, "preemptions": engine.scheduler.num_preemptions,
            "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),
-           "weights_gib": weights / GiB, "decode_steps": len(decode)}
+           "weights_gib": weights / GiB, "decode_steps": len(decode),
+           "profiled_activation_bytes": engine.profiled_activation_bytes}
     if full:
         out.update(decode_batch=statistics.median(d[0] for d in full),
                    decode_step_ms=1e3 * statistics.median(d[1] for d in full),
@@ -230,6 +236,27 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
                    used_gib=(total - free) / GiB)
     del engine
+    return out
+
+
+def a10(served: dict | None, smoke: bool) -> dict:
+    """The A10 projected from the 24 GB run: its measured efficiency against the floor and its
+    profiled activations (estimated when the run has none); 1.0 and the estimate without it."""
+    from dataclasses import asdict
+
+    from vidya.bench.roofline import A10, ModelShape, project
+    from vidya.bench.workload import DEFAULT_WORKLOAD
+    shape = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, False)  # Llama-3-8B
+    served = served if isinstance(served, dict) and "fraction_of_floor" in served and not smoke else {}
+    efficiency = min(1.0, served.get("fraction_of_floor", 1.0))
+    activations = served.get("profiled_activation_bytes") or shape.activation_bytes(8192, 256)
+    with open(DEFAULT_WORKLOAD) as f:  # the tutor's requests (tokens as SmolLM2's tokenizer counts them)
+        tutor = json.load(f)
+    out = {"efficiency": efficiency, "efficiency_measured": bool(served), "activation_bytes": activations}
+    for name, (p_len, o_len) in {"bench_512_256": (512, 256),
+                                 "tutor": (tutor["total_prompt_tokens"] / tutor["n_requests"], tutor["max_tokens"])}.items():
+        for util in (0.90, 0.92):
+            out[f"{name}_util{util:.2f}"] = asdict(project(A10, shape, p_len, o_len, util, activations, efficiency))
     return out
 
 
@@ -270,7 +297,8 @@ def main() -> int:
         section("kernels", lambda: kernels(device, dtype, args.smoke))
         section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None))
-        section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
+        served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
+        section("a10", lambda: a10(served, args.smoke))
     checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]
     checks += [t.get("token_exact") for t in result.get("tiny_exact", []) if isinstance(t, dict)]
     result["all_ok"] = not failed and all(checks)

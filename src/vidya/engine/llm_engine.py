@@ -106,6 +106,7 @@ class LLMEngine:
             activations = profile_forward(model, self.ops, shard, *profile)
             self._log(f"profiling forward of {sched_config.max_num_batched_tokens} tokens: "
                       f"peak activations {activations / 2**30:.2f} GiB")
+        self.profiled_activation_bytes = activations
         num_blocks = num_kv_blocks(cache, shard, self.platform.kv_dtype, self.device, max_useful, activations)
         if self.workers is not None:
             self.workers.broadcast(("cache", num_blocks, cache))

@@ -42,8 +42,9 @@ def test_kv_budget_is_the_utilisation_less_what_is_used_and_the_activations(tiny
 
 def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     """bench/gpu/run.py --smoke: the serving section's bookkeeping (TTFT, inter-token, decode steps
-    against the bandwidth floor) on a toy Llama with dummy weights, here on CPU; the kernels and
-    tiny_exact sections are covered by their own tests."""
+    against the bandwidth floor) on a toy Llama with dummy weights, the A10 projection, and the
+    sweep section (a live server, the sweep and the plan), here on CPU; the kernels and tiny_exact
+    sections are covered by their own tests."""
     import json
     import os
     import subprocess
@@ -51,7 +52,7 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "run.py"), "--smoke", "--json", str(out),
-                        "--only", "versions", "bandwidth", "serve_8b", "a10"], capture_output=True, text=True, timeout=300)
+                        "--only", "versions", "bandwidth", "serve_8b", "a10", "sweep_24gb"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["all_ok"] and r["bandwidth"]["gb_s"] > 0
@@ -62,3 +63,8 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     a10 = r["a10"]  # the projection: at the floor with estimated activations unless a GPU run measured them
     assert not a10["efficiency_measured"] and a10["efficiency"] == 1.0
     assert a10["tutor_util0.92"]["kv_room_tokens"] == a10["bench_512_256_util0.92"]["kv_room_tokens"] > 20_000
+    sw = r["sweep_24gb"]  # vidya serve + vidya bench sweep + vidya plan through the CLI, the sweep file beside
+    assert [lv["concurrency"] for lv in sw["levels"]] == [1, 2] and all(lv["completed"] == 2 for lv in sw["levels"])
+    assert all(150 < lv["prompt_tokens_per_request"] < 260 for lv in sw["levels"])  # the tutor's prompt lengths
+    assert json.loads((tmp_path / "gpu-sweep-24gb.json").read_text())["levels"] == sw["levels"]
+    assert sw["plan"]["feasible"] and sw["plan"]["hpa_target_running_per_pod"] == 2

@@ -16,6 +16,9 @@
                  step at 600 GB/s divided by the efficiency the 24 GB run reached against its own
                  floor, output tok/s for the bench's requests and for the tutor's, against the
                  compute ceiling
+    sweep_24gb   `vidya serve` on the GPU (the 8B shape, dummy weights, 24 GB), `vidya bench sweep`
+                 with the tutor's requests at concurrency 16..256, then `vidya plan` on it (sweep.py);
+                 the sweep file is written beside the results
 
 `--smoke` runs every section at toy sizes (on CPU: Triton interpreted) so that the script is
 tested where no GPU is; its numbers mean nothing.
@@ -260,6 +263,17 @@ def a10(served: dict | None, smoke: bool) -> dict:
     return out
 
 
+def sweep_24gb(device: torch.device, workdir: str, out_dir: str, smoke: bool) -> dict:
+    from transformers import LlamaConfig
+
+    import sweep
+    shape = {**(TOY if smoke else LLAMA3_8B), "vocab_size": 2048 if smoke else LLAMA3_8B["vocab_size"]}
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **shape)
+    path = model_dir(config, sweep.tokenizer(shape["vocab_size"]), os.path.join(workdir, "llama3-8b-shape-words"))
+    return sweep.sweep_24gb(path, shape["vocab_size"], device, workdir, out_dir, smoke)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, help="where to write the results")
@@ -299,6 +313,7 @@ def main() -> int:
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None))
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
         section("a10", lambda: a10(served, args.smoke))
+        section("sweep_24gb", lambda: sweep_24gb(device, workdir, os.path.dirname(os.path.abspath(args.json)), args.smoke))
     checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]
     checks += [t.get("token_exact") for t in result.get("tiny_exact", []) if isinstance(t, dict)]
     result["all_ok"] = not failed and all(checks)

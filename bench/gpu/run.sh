@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The GPU engine's checks and figures in one run, under 7 minutes on one GPU (see run.py):
+# The GPU engine's checks and figures in one run (see run.py): the engine's sections in under 7
+# minutes on one GPU, then the 24 GB sweep and plan; at most 9 minutes (what ran is kept on a timeout):
 #   bench/gpu/run.sh [OUT.json]        (default: $OUT/gpu.json where the device tool sets OUT, else bench/results/gpu.json)
-# Runs from the source tree (PYTHONPATH=src): the GPU image's torch, Triton and transformers are
-# enough; wheels carried in bench/gpu/wheels/ (if any) are installed first, without the network.
+# Runs from the source tree (PYTHONPATH=src) on the GPU image's torch, Triton and transformers; the
+# server's packages the image lacks travel as wheels (bench/gpu/wheels.sh makes them here; the
+# device call carries bench/gpu/wheels) and are installed first into /tmp/site, without the network.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-bench/results}/gpu.json}"
 mkdir -p "$(dirname "$out")"
+python="${PYTHON:-python3}"  # the image's python3 holds its torch
+site=""
 if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
-    python -m pip install -q --no-index --no-deps bench/gpu/wheels/*.whl
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/gpu/wheels/*.whl
+    site=":/tmp/site"
 fi
 export VIDYA_COMMIT="${VIDYA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-PYTHONPATH=src timeout 420 python bench/gpu/run.py --json "$out" "${@:2}"
+PYTHONPATH="src$site" timeout 540 "$python" bench/gpu/run.py --json "$out" "${@:2}"

@@ -20,13 +20,15 @@ The tile maps (which sequence and first row each program takes) are built on the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from vidya.attention.metadata import AttentionMetadata
 
-BLOCK_M = 64  # query rows (positions x heads of a group) per program of a prefill chunk
+BLOCK_M = 64  # query rows (positions x heads of a group) per program of a prefill chunk (32 at head_dim 256)
 BLOCK_N = 32  # keys per inner iteration
 WRITE_TOKENS = 16  # tokens per program of write_kv
 NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier position
@@ -123,10 +125,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     t, kvh, d = k.shape
     if t == 0:
         return
+    constants, num_warps = write_kv_launch(d, k_cache.shape[1])
     _write_kv_kernel[(triton.cdiv(t, WRITE_TOKENS), kvh)](
         k, v, k_cache, v_cache, slot_mapping, t,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        BLOCK_T=WRITE_TOKENS, BS=k_cache.shape[1], D=d, D_PAD=_pow2(d, 16))
+        num_warps=num_warps, **constants)
 
 
 def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int, device: torch.device):
@@ -154,19 +157,47 @@ def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int
     return meta.derived[key]
 
 
+@dataclass(frozen=True, slots=True)
+class AttendLaunch:
+    """The attention kernel's compile-time constants and warps for one model shape."""
+    constants: dict  # all but BLOCK_Q
+    block_q_decode: int  # a decode sequence has one query row: its tile is the group's heads (>= 16 rows for tl.dot)
+    block_q_prefill: int
+    num_warps: int
+
+
+def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> AttendLaunch:
+    """Tiles of BLOCK_M rows (32 for head_dim 256) and 4 warps (8 for head_dim 256): without
+    them Triton's compiler spills registers at Gemma 3's head_dim on sm_86 and sm_90, and not with
+    them (bench/gpu/compile.py, Triton 3.6 and 3.9)."""
+    group = num_heads // num_kv_heads
+    g_pad = _pow2(group)
+    d_pad = _pow2(head_dim, 16)
+    wide = d_pad >= 256
+    constants = dict(G=group, G_PAD=g_pad, BLOCK_N=BLOCK_N, BS=block_size, D=head_dim, D_PAD=d_pad,
+                     IEEE=dtype == torch.float32)
+    return AttendLaunch(constants, max(1, 16 // g_pad), max(1, (BLOCK_M // 2 if wide else BLOCK_M) // g_pad),
+                        8 if wide else 4)
+
+
+def write_kv_launch(head_dim: int, block_size: int) -> tuple[dict, int]:
+    """The KV-write kernel's constants and warps: head_dim / 16 warps, 8 elements of each of K
+    and V per thread (at 16 Triton's compiler spilled on sm_86: bench/gpu/compile.py)."""
+    d_pad = _pow2(head_dim, 16)
+    return dict(BLOCK_T=WRITE_TOKENS, BS=block_size, D=head_dim, D_PAD=d_pad), max(4, d_pad // 16)
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
            scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, H, d] (last dim contiguous) over a cache the step's K/V are already in -> [T, H, d].
-    Decode rows and prefill chunks are two launches of one kernel: a decode sequence has one
-    query row, so its tile holds just the group's heads (at least the 16 rows a dot needs)."""
+    Decode rows and prefill chunks are two launches of one kernel, each with its own tile height."""
     t, h, d = q.shape
     out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     if t == 0:
         return out
     kvh = k_cache.shape[2]
-    group = h // kvh
-    g_pad = _pow2(group)
-    starts, parts = tile_maps(meta, max(1, 16 // g_pad), max(1, BLOCK_M // g_pad), q.device)
+    launch = attend_launch(h, kvh, d, k_cache.shape[1], q.dtype)
+    starts, parts = tile_maps(meta, launch.block_q_decode, launch.block_q_prefill, q.device)
     bt = meta.block_tables
     for block_q, tile_seq, tile_q0 in parts:
         _attend_kernel[(tile_seq.shape[0], kvh)](
@@ -174,8 +205,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
             float(scale), int(window or NO_WINDOW),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-            G=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, BS=k_cache.shape[1], D=d, D_PAD=_pow2(d, 16),
-            IEEE=q.dtype == torch.float32)
+            BLOCK_Q=block_q, num_warps=launch.num_warps, **launch.constants)
     return out
 
 

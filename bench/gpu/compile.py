@@ -1,0 +1,117 @@
+"""Compile the Triton attention kernels for GPUs without one: the launches the engine makes
+(`triton_paged.attend_launch` / `write_kv_launch`) at real models' attention shapes, in the
+serving dtypes, for each architecture named, through Triton's own compiler to PTX and cubin.
+Prints each kernel's shared memory and fails on one over the architecture's per-block limit;
+where the ptxas that Triton carries knows the architecture, its register and spill counts too.
+
+    python bench/gpu/compile.py [--arch 86 90] [--dtype bf16 fp16] [--models ...] [--json FILE]
+
+It must run without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SHAPES = {  # (query heads, KV heads, head_dim)
+    "llama-3-8b": (32, 8, 128),
+    "qwen2.5-7b": (28, 4, 128),  # a group of 7, padded to 8
+    "gemma-3-4b": (8, 4, 256),
+    "gemma-3-270m": (4, 1, 256),
+    "smollm2-135m": (9, 3, 64),
+}
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block (opt-in maximum)
+BLOCK_SIZE = 16
+
+
+def signature(fn, types: dict[str, str], constants: dict) -> dict[str, str]:
+    """Every argument's type: constants, named types, the other pointers as i32s (strides, counts)."""
+    return {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+
+
+def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[dict]:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vidya.attention import triton_paged as tp
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    out = []
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for dtype in dtypes:
+            for model in models:
+                h, kvh, d = SHAPES[model]
+                launch = tp.attend_launch(h, kvh, d, BLOCK_SIZE, torch_dtype[dtype])
+                ptr = {n: f"*{dtype}" for n in ("out_ptr", "q_ptr", "kc_ptr", "vc_ptr")}
+                ptr.update({n: "*i32" for n in ("bt_ptr", "seq_lens_ptr", "qstart_ptr", "tile_seq_ptr", "tile_q0_ptr")})
+                ptr["scale"] = "fp32"
+                launches = [("attend decode", tp._attend_kernel, ptr, {**launch.constants, "BLOCK_Q": launch.block_q_decode},
+                              launch.num_warps),
+                            ("attend prefill", tp._attend_kernel, ptr, {**launch.constants, "BLOCK_Q": launch.block_q_prefill},
+                             launch.num_warps),
+                            ("write_kv", tp._write_kv_kernel,
+                             {**{n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64"},
+                             *tp.write_kv_launch(d, BLOCK_SIZE))]
+                for name, fn, types, constants, num_warps in launches:
+                    row = {"arch": arch, "dtype": dtype, "model": model, "kernel": name, "num_warps": num_warps, **constants}
+                    try:
+                        src = ASTSource(fn, signature(fn, types, constants), constexprs=constants)
+                        k = triton.compile(src, target=target, options={"num_warps": num_warps})
+                        row["shared_bytes"] = k.metadata.shared
+                        row.update(ptxas_usage(k.asm["ptx"], arch))
+                        row["ok"] = k.metadata.shared <= SMEM_LIMIT.get(arch, 48 * 1024) and not row.get("spill_bytes")
+                    except Exception as e:  # a compile error is the finding: report it, go on
+                        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}")
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
+    return out
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spills from Triton's own ptxas, where it takes this PTX ({} where it cannot:
+    e.g. a newer PTX version, or Hopper's sm_90a target that plain sm_90 refuses)."""
+    import triton
+    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        for name in ("ptxas", "ptxas-blackwell"):  # Triton 3.9 carries a newer one beside the first
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+            if not os.path.exists(ptxas):
+                continue
+            r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu.group(1) if gpu else f'sm_{arch}'}", f.name,
+                                "-o", os.devnull], capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+            if r.returncode == 0 and regs:
+                return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1)) if spills else 0}
+    return {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[86, 90], help="compute capabilities, e.g. 80 86 90")
+    ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: under it the kernels are interpreted, not compiled", file=sys.stderr)
+        return 2
+    rows = compile_all(args.arch, args.dtype, args.models)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)} of {len(rows)} kernels compiled within their limits", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,18 +123,42 @@ def test_n3_greedy_samples_share_the_prompt(arch, tiny_models, references):
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("arch", ("gemma3",))
-def test_decode_batches_padded_to_graph_buckets_change_no_token(arch, tiny_models, references):
-    """What a CUDA graph replays (vidya/engine/cuda_graphs.py): each decode step padded to its
-    bucket (5 sequences -> 8) with rows that write no KV and whose output is dropped. On CPU the
-    padded batch runs eagerly, Triton attention interpreted; tokens must not change."""
-    from vidya.engine.cuda_graphs import bucket_for, decode_buckets
+class EagerGraph:
+    """A stand-in for a captured CUDA graph on CPU: replay runs the captured function again over
+    the same static buffers and writes into the same output tensor, as a replayed graph would."""
+
+    def __init__(self, run, out):
+        self.run, self.out, self.replays = run, out, 0
+
+    def replay(self):
+        self.out.copy_(self.run())
+        self.replays += 1
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_decode_steps_replayed_from_graph_buckets_change_no_token(arch, tiny_models, references, monkeypatch):
+    """The CUDA-graph path (vidya/engine/cuda_graphs.py) on CPU: every decode step padded to its
+    bucket (5 sequences -> 8, 3 -> 4, ...) with rows that write no KV, its inputs
+    copied into the static buffers and the bucket's captured forward replayed from them (an eager
+    stand-in for the graph, Triton attention interpreted); tokens must not change."""
+    from vidya.engine.cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
     assert decode_buckets(256)[:5] == [1, 2, 4, 8, 16] and decode_buckets(256)[-1] == 256
     assert (bucket_for(5, [1, 2, 4, 8]), bucket_for(9, [1, 2, 4, 8])) == (8, 0)
+    def eager_capture(self, run, device):
+        out = run()
+        return EagerGraph(run, out), out
+    monkeypatch.setattr(DecodeGraphs, "capture", eager_capture)
     engine = make_engine(tiny_models[arch][0], backend="triton")
-    engine.runner.decode_buckets = decode_buckets(256)
+    runner = engine.runner
+    runner.capture_decode_graphs(decode_buckets(8), -(-engine.max_model_len // runner.block_size))
+    assert sorted(runner.graphs.graphs) == [1, 2, 4, 8]
     prompts, want = references[arch]
-    outs = generate(engine, prompts[:5])
-    assert engine.runner.padded_rows >= 3 * (MAX_NEW - 1), "decode steps were meant to be padded"
-    assert [o.outputs[0].token_ids for o in outs] == want[:5]
+    lengths = [MAX_NEW - 2 * i for i in range(5)]  # they finish one by one: 5 -> 4 -> 3 -> 2 -> 1 decoding
+    ids = [engine.add_request(None, p, SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n))
+           for p, n in zip(prompts[:5], lengths)]
+    done = run_to_completion(engine)
+    assert [done[i].outputs[0].token_ids for i in ids] == [w[:n] for w, n in zip(want, lengths)]
+    replays = {b: g.replays for b, g in runner.graphs.graphs.items()}
+    assert all(replays[b] > 0 for b in (8, 4, 2, 1)), replays  # every bucket, the graphs' buffers reused
+    assert sum(replays.values()) == MAX_NEW - 1 and runner.padded_rows > 0
     assert_all_blocks_free(engine)

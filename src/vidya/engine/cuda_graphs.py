@@ -49,21 +49,28 @@ class DecodeGraphs:
         self.row_ctx = longs(n) + 1
         ints = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.tiles = (ints, ints[:n], torch.zeros(n, dtype=torch.int32, device=device))
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict = {}  # bucket -> its torch.cuda.CUDAGraph
         self.outputs: dict[int, torch.Tensor] = {}
+        self._pool = None  # the graphs' shared memory pool, made at the first capture
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
         for b in reversed(buckets):  # the largest first: the others fit in its memory
             meta = self._meta(b)
-            run = lambda: model(self.input_ids[:b], self.positions[:b], kv_caches, meta, ops)
-            run()  # compiles this shape's kernels, outside the capture
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = run()
-            self.graphs[b] = graph
-        torch.cuda.synchronize(device)
+            run = lambda b=b, meta=meta: model(self.input_ids[:b], self.positions[:b], kv_caches, meta, ops)
+            self.graphs[b], self.outputs[b] = self.capture(run, device)
         self.capture_seconds = time.perf_counter() - t0
+
+    def capture(self, run, device: torch.device):
+        """(graph, its static output) of `run`, which reads only the static buffers. The tests
+        replace this with an eager stand-in to run the replay path on CPU."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        run()  # compiles this shape's kernels, outside the capture
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        torch.cuda.synchronize(device)
+        return graph, out
 
     def _meta(self, b: int) -> AttentionMetadata:
         starts, tile_seq, tile_q0 = self.tiles

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from vidya.engine.detokenizer import IncrementalDetokenizer, find_stop, held_back
+from vidya.engine.detokenizer import IncrementalDetokenizer, decoder_of, find_stop, held_back
 
 HINDI = ("प्रकाश संश्लेषण वह प्रक्रिया है जिसमें हरे पौधे सूर्य के प्रकाश, जल और कार्बन डाइऑक्साइड से "
          "भोजन बनाते हैं। कक्षा 10 के छात्र: क्षेत्रफल = लंबाई × चौड़ाई। Hinglish bhi chalega! 😀")
 
 
 def stream(tokenizer, ids, prompt_ids, chunks):
-    d = IncrementalDetokenizer.for_prompt(tokenizer, prompt_ids)
+    d = IncrementalDetokenizer.for_prompt(decoder_of(tokenizer), prompt_ids)
     pieces, i = [], 0
     for n in chunks:
         if i >= len(ids):
@@ -57,13 +57,30 @@ def test_held_back_only_possible_stop_prefixes():
 
 
 def test_a_character_cut_by_the_length_limit_is_dropped_not_shown_as_replacement(smollm2_tokenizer):
-    from vidya.engine.detokenizer import IncrementalDetokenizer
     tok = smollm2_tokenizer
     word = "प्रकाश संश्लेषण"
     ids = tok(word, add_special_tokens=False).input_ids
     cuts = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
     assert cuts, "the tokenizer should split some Devanagari character across tokens"
     for k in cuts:  # generation stopped (max_tokens) after token k, inside a character
-        detok = IncrementalDetokenizer.for_prompt(tok, [])
+        detok = IncrementalDetokenizer.for_prompt(decoder_of(tok), [])
         text = "".join(detok.add([i]) for i in ids[:k]) + detok.flush()
         assert "\ufffd" not in text and word.startswith(text), (k, text)
+
+
+def test_the_fast_decoder_says_what_transformers_says():
+    """decoder_of calls the Rust tokenizer directly where transformers' decode only wraps it: the
+    same text for both embedded tokenizers (byte-level BPE; sentencepiece-style), special tokens
+    kept or skipped; transformers' own decode where it would clean up spaces."""
+    from vidya.models import loader
+    for name in ("smollm2", "gemma3-270m"):
+        tok = loader.load_tokenizer(loader.resolve(name))
+        fast = decoder_of(tok)
+        assert fast == tok.backend_tokenizer.decode  # the direct path is the one taken
+        ids = tok.apply_chat_template([{"role": "user", "content": HINDI}], tokenize=True)["input_ids"]
+        for skip in (True, False):
+            for k in (1, 2, 5, len(ids)):
+                assert fast(ids[:k], skip) == tok.decode(ids[:k], skip_special_tokens=skip), (name, k, skip)
+        tok.clean_up_tokenization_spaces = True
+        assert decoder_of(tok) != tok.backend_tokenizer.decode  # falls back to transformers' decode
+        assert decoder_of(tok)(ids[:5], True) == tok.decode(ids[:5], skip_special_tokens=True)

@@ -11,14 +11,32 @@ character. The sent position never moves backwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 6  # prompt tokens that seed the window (spacing of sentencepiece tokenizers)
 
 
+def decoder_of(tokenizer) -> Callable[[list[int], bool], str]:
+    """`decode(ids, skip_special_tokens)`: the Rust tokenizer's own where transformers' decode
+    would only wrap it (a fast tokenizer whose decode is not overridden, with no clean-up of
+    spaces), else transformers'. Twice a token per sequence, the wrapper was a quarter of a
+    256-sequence decode step's host time."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        TokenizersBackend = None
+    cls = type(tokenizer)
+    if (TokenizersBackend is not None and isinstance(tokenizer, TokenizersBackend)
+            and cls.decode is TokenizersBackend.decode and cls._decode is TokenizersBackend._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return tokenizer.backend_tokenizer.decode
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 @dataclass(slots=True)
 class IncrementalDetokenizer:
-    tokenizer: object
+    decode: Callable[[list[int], bool], str]  # decoder_of(the tokenizer)
     skip_special_tokens: bool = True
     tokens: list[int] = field(default_factory=list)
     prefix_offset: int = 0
@@ -26,12 +44,12 @@ class IncrementalDetokenizer:
     text: str = ""
 
     @classmethod
-    def for_prompt(cls, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+    def for_prompt(cls, decode, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         ctx = list(prompt_token_ids[-CONTEXT_TOKENS:])
-        return cls(tokenizer, skip_special_tokens, ctx, 0, len(ctx))
+        return cls(decode, skip_special_tokens, ctx, 0, len(ctx))
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.decode(ids, self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
         """Add new tokens; return the text they complete (possibly "")."""

@@ -10,7 +10,7 @@ import time
 import torch
 
 from vidya.config import EngineArgs
-from vidya.engine.detokenizer import IncrementalDetokenizer
+from vidya.engine.detokenizer import IncrementalDetokenizer, decoder_of
 from vidya.engine.kv_cache_manager import KVCacheManager
 from vidya.engine.cuda_graphs import decode_buckets
 from vidya.engine.model_runner import ModelRunner, num_kv_blocks, profile_forward
@@ -76,6 +76,7 @@ class LLMEngine:
         self.model_config = loader.load_config(src)
         shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
+        self.decode = decoder_of(self.tokenizer)
         self.max_model_len = self._max_model_len(args.max_model_len)
         self._log(f"backend: {self.platform.describe()}")
         self.workers, tp = None, TPGroup()
@@ -208,7 +209,7 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, params.for_child(i) if params.n > 1 else params,
                             self.eos_token_ids, max_tokens, arrival_time=state.arrival_time)
-            detok = IncrementalDetokenizer.for_prompt(self.tokenizer, token_ids, params.skip_special_tokens)
+            detok = IncrementalDetokenizer.for_prompt(self.decode, token_ids, params.skip_special_tokens)
             sample = SampleState(i, child, detok, [] if params.logprobs is not None else None)
             state.samples.append(sample)
             self.sample_of[child_id] = (state, sample)

@@ -9,7 +9,8 @@
     serve_8b     an 8B-shaped Llama (random weights, --load-format dummy) serving N requests
                  (prompt / output lengths below) offline: output tok/s, TTFT and inter-token
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
-                 a step reads / measured bandwidth), peak GPU memory
+                 a step reads / measured bandwidth), the host's part of a step (schedule, prepare,
+                 outputs: CPU work the GPU waits for), peak GPU memory
     serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
     a10          the A10 projected (vidya/bench/roofline.py): the KV room 24 GB leaves Llama-3-8B in
                  bf16 (with the activations the 24 GB run profiled), the batch it holds, the decode
@@ -189,8 +190,22 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)
     steps: list = []
-    schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: steps.append([schedule()]) or steps[-1][0]
+    host: dict[int, float] = {}  # step number -> seconds of host-only work: schedule, prepare, outputs
+    schedule, prepare, update = engine.scheduler.schedule, engine.runner.prepare, engine._update
+
+    def on_host(fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            host[len(steps)] = host.get(len(steps), 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+    def scheduled():
+        steps.append([None])
+        steps[-1][0] = sched = on_host(schedule)()
+        return sched
+    engine.runner.prepare, engine._update, engine.scheduler.schedule = on_host(prepare), on_host(update), scheduled
     t_start = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -213,14 +228,14 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
     kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
     decode = []
-    for entry in steps:
+    for i, entry in enumerate(steps, start=1):
         if len(entry) < 2 or entry[0].is_empty:
             continue
         sched, seconds = entry
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             ctx = sum(s.request.num_computed_tokens + 1 for s in sched.scheduled)
             floor = (weights + ctx * kv_token) / (gb_s * 1e9)
-            decode.append((len(sched.scheduled), seconds, floor))
+            decode.append((len(sched.scheduled), seconds, floor, host.get(i, 0.0)))
     full = [d for d in decode if d[0] >= 0.9 * max((d[0] for d in decode), default=0)]
     out = {"requests": n_req, "prompt_tokens": p_len, "output_tokens": o_len, "shape": shape,
            "gpu_memory_utilization": util, "startup_s": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
@@ -233,7 +248,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         out.update(decode_batch=statistics.median(d[0] for d in full),
                    decode_step_ms=1e3 * statistics.median(d[1] for d in full),
                    bandwidth_floor_ms=1e3 * statistics.median(d[2] for d in full),
-                   fraction_of_floor=statistics.median(d[2] / d[1] for d in full))
+                   fraction_of_floor=statistics.median(d[2] / d[1] for d in full),
+                   host_ms_per_step=1e3 * statistics.median(d[3] for d in full))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,

@@ -49,12 +49,14 @@ def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[
                 h, kvh, d = SHAPES[model]
                 launch = tp.attend_launch(h, kvh, d, BLOCK_SIZE, torch_dtype[dtype])
                 ptr = {n: f"*{dtype}" for n in ("out_ptr", "q_ptr", "kc_ptr", "vc_ptr")}
-                ptr.update({n: "*i32" for n in ("bt_ptr", "seq_lens_ptr", "qstart_ptr", "tile_seq_ptr", "tile_q0_ptr")})
+                # as the engine passes them: block tables and lengths int64 (AttentionMetadata), tile maps int32
+                ptr.update({"bt_ptr": "*i64", "seq_lens_ptr": "*i64"})
+                ptr.update({n: "*i32" for n in ("qstart_ptr", "tile_seq_ptr", "tile_q0_ptr")})
                 ptr["scale"] = "fp32"
                 launches = [("attend decode", tp._attend_kernel, ptr, {**launch.constants, "BLOCK_Q": launch.block_q_decode},
-                              launch.num_warps),
+                              launch.num_warps(launch.block_q_decode)),
                             ("attend prefill", tp._attend_kernel, ptr, {**launch.constants, "BLOCK_Q": launch.block_q_prefill},
-                             launch.num_warps),
+                             launch.num_warps(launch.block_q_prefill)),
                             ("write_kv", tp._write_kv_kernel,
                              {**{n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64"},
                              *tp.write_kv_launch(d, BLOCK_SIZE))]

@@ -159,25 +159,26 @@ def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int
 
 @dataclass(frozen=True, slots=True)
 class AttendLaunch:
-    """The attention kernel's compile-time constants and warps for one model shape."""
+    """The attention kernel's compile-time constants and tile heights for one model shape."""
     constants: dict  # all but BLOCK_Q
     block_q_decode: int  # a decode sequence has one query row: its tile is the group's heads (>= 16 rows for tl.dot)
     block_q_prefill: int
-    num_warps: int
+
+    def num_warps(self, block_q: int) -> int:
+        """8 warps for tiles of 4,096 elements or more (16 x 256, 64 x 128), else 4: with 4,
+        Triton's compiler spilled registers on sm_80, sm_86 and sm_90 (bench/gpu/compile.py)."""
+        return 8 if block_q * self.constants["G_PAD"] * self.constants["D_PAD"] >= 4096 else 4
 
 
 def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> AttendLaunch:
-    """Tiles of BLOCK_M rows (32 for head_dim 256) and 4 warps (8 for head_dim 256): without
-    them Triton's compiler spills registers at Gemma 3's head_dim on sm_86 and sm_90, and not with
-    them (bench/gpu/compile.py, Triton 3.6 and 3.9)."""
+    """Prefill tiles of BLOCK_M rows (32 at head_dim 256, where 64 spilled even with 8 warps)."""
     group = num_heads // num_kv_heads
     g_pad = _pow2(group)
     d_pad = _pow2(head_dim, 16)
-    wide = d_pad >= 256
     constants = dict(G=group, G_PAD=g_pad, BLOCK_N=BLOCK_N, BS=block_size, D=head_dim, D_PAD=d_pad,
                      IEEE=dtype == torch.float32)
-    return AttendLaunch(constants, max(1, 16 // g_pad), max(1, (BLOCK_M // 2 if wide else BLOCK_M) // g_pad),
-                        8 if wide else 4)
+    rows = BLOCK_M // 2 if d_pad >= 256 else BLOCK_M
+    return AttendLaunch(constants, max(1, 16 // g_pad), max(1, rows // g_pad))
 
 
 def write_kv_launch(head_dim: int, block_size: int) -> tuple[dict, int]:
@@ -205,7 +206,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
             float(scale), int(window or NO_WINDOW),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-            BLOCK_Q=block_q, num_warps=launch.num_warps, **launch.constants)
+            BLOCK_Q=block_q, num_warps=launch.num_warps(block_q), **launch.constants)
     return out
 
 

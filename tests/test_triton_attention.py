@@ -96,8 +96,9 @@ def test_padded_rows_write_nothing():
 def test_the_kernels_compile_for_ampere_and_hopper_without_spilling(tmp_path):
     """bench/gpu/compile.py: the launches the engine makes at Llama-3-8B's and Gemma 3 4B's shapes
     (head_dim 128 and 256), in bf16, compiled by Triton for sm_86 (the A10) and sm_90 (H100/H200)
-    with no GPU here: within shared memory, and no register spills where Triton's ptxas reports
-    them (it did spill at head_dim 256 with 4 warps, and in the KV write at 16 elements a thread)."""
+    with no GPU here, the pointers typed as the engine passes them: within shared memory, and no
+    register spills where Triton's ptxas reports them (with 4 warps the 64-row prefill tile at
+    head_dim 128 and the tiles at 256 spilled, and the KV write at 16 elements a thread)."""
     import json
     import os
     import subprocess

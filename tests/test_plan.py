@@ -73,12 +73,31 @@ def test_bad_plan_input_is_a_clear_message(tmp_path, sweep_file):
     assert "Traceback" not in r.stderr
     r = vidya("plan", "--sweep", sweep_file, "--peak-hour-share", "1.5")
     assert r.returncode == 2 and "--peak-hour-share must be in (0, 1]" in r.stderr
+    for flag, value in (("--p99-ttft", "nan"), ("--replica-cost-per-month", "inf"), ("--api-price-per-million-tokens", "-1")):
+        r = vidya("plan", "--sweep", sweep_file, flag, value)
+        assert r.returncode == 2 and f"{flag} must be a positive number" in r.stderr, (flag, r.stderr)
+    # a chart that cannot be written is refused before the plan is computed or printed
+    for path, why in ((tmp_path / "no" / "such" / "p.png", "does not exist"), (tmp_path / "p.txt", "name a .png")):
+        r = vidya("plan", "--sweep", sweep_file, "--plot", str(path))
+        assert r.returncode == 2 and why in r.stderr and not r.stdout and "Traceback" not in r.stderr, r.stderr
+    # a sweep whose every request failed says so and why, instead of planning from nothing
+    data = json.loads(open(sweep_file).read())
+    for lv in data["levels"]:
+        lv.update(completed=0, failed=16, requests_s=0.0, ttft_p99_ms=None, errors=["HTTP 404: model 'nope' not found"])
+    dead = tmp_path / "dead.json"
+    dead.write_text(json.dumps(data))
+    r = vidya("plan", "--sweep", str(dead))
+    assert r.returncode == 2 and "every request" in r.stderr and "model 'nope' not found" in r.stderr, r.stderr
+    data["levels"][0]["concurrency"] = "x"
+    dead.write_text(json.dumps(data))
+    r = vidya("plan", "--sweep", str(dead))
+    assert r.returncode == 2 and "'concurrency' is 'x'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_chart_is_drawn(tmp_path, sweep_file):
     png = tmp_path / "plan.png"
     r = vidya("plan", "--sweep", sweep_file, "--plot", str(png))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and f"chart written to {png}" in r.stderr, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -108,7 +127,15 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
         r = vidya("plan", "--sweep", str(out), "--p99-ttft", "60", "--json")
         p = json.loads(r.stdout)
         assert r.returncode == 0 and p["operating_concurrency"] in (1, 4) and p["replicas"] >= 1
+        # every request failing (a wrong model) reads as that, with the server's reason, not as a slow server
+        r = vidya("bench", "sweep", "--base-url", s.url, "--model", "nope", "--levels", "1",
+                  "--requests-per-level", "2", "--json", str(tmp_path / "dead.json"))
+        assert r.returncode == 1 and "every request failed" in r.stderr and "nope" in r.stderr, r.stderr
+        assert "next: vidya plan" not in r.stdout and "failed 2 (" in r.stdout, r.stdout
     finally:
         s.terminate()
     r = vidya("bench", "sweep", "--base-url", s.url, "--levels", "4,1")
     assert r.returncode == 2 and "rising" in r.stderr
+    # a --json path that cannot be written is refused before the sweep runs (the server is gone)
+    r = vidya("bench", "sweep", "--base-url", s.url, "--levels", "1", "--json", str(tmp_path / "no" / "s.json"))
+    assert r.returncode == 2 and "cannot write there" in r.stderr and "Traceback" not in r.stderr, r.stderr

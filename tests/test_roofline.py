@@ -46,9 +46,9 @@ def test_projection_by_hand():
     assert decode_step_floor_s(card, shape, 0, 0) == pytest.approx(shape.params() * 2 / 100e9)
 
 
-def test_a10_llama3_8b_leaves_room_for_about_30k_tokens():
-    p = project(A10, LLAMA3_8B, 512, 256, 0.92, LLAMA3_8B.activation_bytes(8192, 256))
-    assert 28_000 < p.kv_room_tokens < 40_000 and 15.9 < p.weights_gib * 1.073741824 < 16.1
+def test_a10_llama3_8b_leaves_room_for_about_36k_tokens():
+    p = project(A10, LLAMA3_8B, 512, 256, 0.92, LLAMA3_8B.activation_bytes(4096, 256))
+    assert 34_000 < p.kv_room_tokens < 38_000 and 15.9 < p.weights_gib * 1.073741824 < 16.1
     assert p.output_tok_s == p.output_tok_s_bandwidth  # 512 in / 256 out: memory-bound
     assert 7_500 < p.total_tok_s_compute < 8_500  # ~15 GFLOP a token against 125 TFLOP/s
 

@@ -4,7 +4,7 @@ serving dtypes, for each architecture named, through Triton's own compiler to PT
 Prints each kernel's shared memory and fails on one over the architecture's per-block limit;
 where the ptxas that Triton carries knows the architecture, its register and spill counts too.
 
-    python bench/gpu/compile.py [--arch 86 90] [--dtype bf16 fp16] [--models ...] [--json FILE]
+    PYTHONPATH=src python bench/gpu/compile.py [--arch 80 86 90] [--dtype bf16 fp16] [--models ...] [--json FILE]
 
 It must run without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
 from __future__ import annotations
@@ -98,8 +98,8 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[86, 90], help="compute capabilities, e.g. 80 86 90")
-    ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], help="compute capabilities (default 80 86 90)")
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

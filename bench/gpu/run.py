@@ -31,6 +31,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,8 +66,13 @@ def timed(fn, device: torch.device, repeat: int) -> float:
 
 def versions(device: torch.device) -> dict:
     import transformers
+    commit = os.environ.get("VIDYA_COMMIT")
+    if not commit:  # run directly, not through run.sh
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit = git.stdout.strip() or "unknown"
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-           "commit": os.environ.get("VIDYA_COMMIT", "unknown"), "device": str(device)}
+           "commit": commit, "device": str(device)}
     try:
         import triton
         out["triton"] = triton.__version__
@@ -184,7 +190,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
-                                  max_model_len=p_len + o_len, max_num_seqs=256, max_num_batched_tokens=8192,
+                                  max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True))
     startup = time.perf_counter() - t0
     rng = random.Random(0)
@@ -265,10 +271,12 @@ def a10(served: dict | None, smoke: bool) -> dict:
 
     from vidya.bench.roofline import A10, ModelShape, project
     from vidya.bench.workload import DEFAULT_WORKLOAD
+    from vidya.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
     shape = ModelShape(32, 4096, 14336, 32, 8, 128, 128256, False)  # Llama-3-8B
     served = served if isinstance(served, dict) and "fraction_of_floor" in served and not smoke else {}
     efficiency = min(1.0, served.get("fraction_of_floor", 1.0))
-    activations = served.get("profiled_activation_bytes") or shape.activation_bytes(8192, 256)
+    # as served by default (the gpu-a10 overlay sets no token budget): the 24 GB run profiled that step
+    activations = served.get("profiled_activation_bytes") or shape.activation_bytes(DEFAULT_MAX_NUM_BATCHED_TOKENS, 256)
     with open(DEFAULT_WORKLOAD) as f:  # the tutor's requests (tokens as SmolLM2's tokenizer counts them)
         tutor = json.load(f)
     out = {"efficiency": efficiency, "efficiency_measured": bool(served), "activation_bytes": activations}
@@ -297,6 +305,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
     args = ap.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result: dict = {"smoke": args.smoke}

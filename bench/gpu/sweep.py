@@ -97,7 +97,7 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
         if sweep.returncode != 0:
             raise RuntimeError(f"vidya bench sweep exited with {sweep.returncode}: {sweep.stderr[-3000:]}")
         plan = cli("plan", "--sweep", sweep_path, "--json", timeout=60)
-        if plan.returncode != 0:
+        if plan.returncode not in (0, 3):  # 3: no level meets the targets, a plan all the same
             raise RuntimeError(f"vidya plan exited with {plan.returncode}: {plan.stdout[-2000:]} {plan.stderr[-2000:]}")
     finally:
         server.terminate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -41,7 +42,7 @@ class Plan:
 
 
 def meets(level: dict, p99_ttft: float, p99_e2e: float | None) -> bool:
-    if level["failed"] or not level["completed"] or level.get("ttft_p99_ms") is None:
+    if level["failed"] or not level["completed"] or not level["requests_s"] or level.get("ttft_p99_ms") is None:
         return False
     if level["ttft_p99_ms"] / 1e3 > p99_ttft:
         return False
@@ -113,10 +114,24 @@ def check_args(a) -> None:
         raise ValueError(f"--questions-per-student must be positive, got {a.questions_per_student:g}")
     if not 0 < a.peak_hour_share <= 1:
         raise ValueError(f"--peak-hour-share must be in (0, 1], got {a.peak_hour_share:g}")
-    for name in ("p99_ttft", "p99_e2e", "replica_cost_per_month", "api_price_per_million_tokens"):
+    for name in ("questions_per_student", "peak_hour_share", "p99_ttft", "p99_e2e", "replica_cost_per_month",
+                 "api_price_per_million_tokens"):
         v = getattr(a, name)
-        if v is not None and v <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v:g}")
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v:g}")
+    if a.plot:
+        plot_path_ok(a.plot)
+
+
+def plot_path_ok(path: str) -> None:
+    """Refuse a chart path that cannot be written before anything is computed or printed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--plot {path}: cannot write into {folder}")
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"--plot {path}: name a .png (or .svg, .pdf) file")
 
 
 def read_sweep(path: str) -> dict:
@@ -125,11 +140,18 @@ def read_sweep(path: str) -> dict:
             sweep = json.load(f)
         levels = sweep["levels"]
         for r in levels:
-            for k in ("concurrency", "requests_s", "output_tok_s", "failed", "completed", "ttft_p99_ms"):
-                r[k]  # noqa: B018 - presence check
+            for k in ("concurrency", "requests_s", "output_tok_s", "failed", "completed"):
+                if not isinstance(r[k], (int, float)) or isinstance(r[k], bool) or not math.isfinite(r[k]) or r[k] < 0:
+                    raise ValueError(f"level field {k!r} is {r[k]!r}, not a number >= 0")
+            if not isinstance(r.get("ttft_p99_ms", 0), (int, float, type(None))):
+                raise ValueError(f"level field 'ttft_p99_ms' is {r['ttft_p99_ms']!r}, not a number")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read sweep {path}: {type(e).__name__} {e}; write one with "
                          f"vidya bench sweep --base-url URL --json {path}") from None
+    if levels and not any(r["completed"] for r in levels):
+        first = next((e for r in levels for e in r.get("errors") or []), "no error recorded")
+        raise ValueError(f"every request of sweep {path} failed, at every level (first error: {first}); "
+                         "fix that and sweep again")
     return sweep
 
 
@@ -207,4 +229,5 @@ def main(a) -> int:
         print_plan(p, a, sweep)
     if a.plot:
         plot(a.plot, sweep, p, a)
+        print(f"chart written to {a.plot}", file=sys.stderr)
     return 0 if p.feasible else 3

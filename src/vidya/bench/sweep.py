@@ -123,10 +123,11 @@ def as_new_question(messages: list[dict], tag: str) -> list[dict]:
 
 def format_row(r: dict) -> str:
     f = lambda v, spec=".0f": "-" if v is None else format(v, spec)  # noqa: E731
-    kv = "-" if r.get("kv_cache_usage_peak") is None else f"{100 * r['kv_cache_usage_peak']:.0f}%"
+    kv = "-" if r.get("kv_cache_usage_peak") is None else f"{100 * r['kv_cache_usage_peak']:.1f}%"
+    why = f" ({r['errors'][0]})" if r["failed"] and r.get("errors") else ""
     return (f"concurrency {r['concurrency']:>4}: {r['output_tok_s']:8.1f} tok/s {r['requests_s']:6.2f} req/s  "
             f"TTFT p50/p99 {f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])} ms  e2e p99 {f(r['e2e_p99_ms'])} ms  "
-            f"failed {r['failed']}  KV peak {kv}  preemptions {f(r.get('preemptions'))}")
+            f"failed {r['failed']}{why}  KV peak {kv}  preemptions {f(r.get('preemptions'))}")
 
 
 def main(args) -> int:
@@ -136,13 +137,22 @@ def main(args) -> int:
         raise ValueError(f"--requests-per-level must be at least 1, got {args.requests_per_level}")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout:g}")
+    if args.json:  # before the sweep, not after it: a path that cannot be written would lose it
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json}: cannot write there (does {folder} exist?)")
     t0 = time.perf_counter()
     result = asyncio.run(sweep(args, base, levels))
     print(f"sweep of {base} ({result['model']}, {result['workload']}): {len(levels)} levels in "
           f"{time.perf_counter() - t0:.0f} s")
+    rows = result["levels"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"written to {args.json}; next: vidya plan --sweep {args.json}")
-    failed = sum(r["failed"] for r in result["levels"])
+        print(f"written to {args.json}" + ("" if not any(r["completed"] for r in rows)
+                                            else f"; next: vidya plan --sweep {args.json}"))
+    if not any(r["completed"] for r in rows):
+        first = next((e for r in rows for e in r.get("errors") or []), "no error recorded")
+        print(f"every request failed, at every level: {first}", file=sys.stderr)
+    failed = sum(r["failed"] for r in rows)
     return 0 if not failed else 1

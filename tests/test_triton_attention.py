@@ -107,7 +107,7 @@ def test_the_kernels_compile_for_ampere_and_hopper_without_spilling(tmp_path):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "compile.py"), "--arch", "86", "90",
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "compile.py"), "--arch", "86", "90", "--dtype", "bf16",
                         "--models", "llama-3-8b", "gemma-3-4b", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**env, "TRITON_DEFAULT_FP_FUSION": "1"})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]

@@ -14,6 +14,7 @@ room fills and requests start to queue is the A10's, its speed is not (this GPU 
 faster); the README's A10 projection scales the latter."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -63,8 +64,15 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
     import httpx
     import torch
     port = free_port()
+    parent_bytes = 0
     if device.type == "cuda":
-        util = 24 * 2**30 / torch.cuda.get_device_properties(device).total_memory
+        # the server sizes its KV cache from the device's free memory, so what this process still
+        # holds (its CUDA context, the allocator's cache) is added back: the server gets 24 GB
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        parent_bytes = total - free
+        util = (24 * 2**30 + parent_bytes) / total
         engine = ["--dtype", "bfloat16", "--device", str(device), "--gpu-memory-utilization", f"{util:.4f}"]
     else:
         engine = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.1"]
@@ -104,7 +112,8 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
         server.wait(60)
     with open(sweep_path) as f:
         levels_out = json.load(f)["levels"]
-    return {"startup_s": startup, "sweep_file": sweep_path, "levels": levels_out, "plan": json.loads(plan.stdout)}
+    return {"startup_s": startup, "parent_gpu_bytes": parent_bytes, "sweep_file": sweep_path, "levels": levels_out,
+            "plan": json.loads(plan.stdout)}
 
 
 def free_port() -> int:

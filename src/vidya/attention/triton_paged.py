@@ -20,6 +20,7 @@ The tile maps (which sequence and first row each program takes) are built on the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +161,7 @@ def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int
 @dataclass(frozen=True, slots=True)
 class AttendLaunch:
     """The attention kernel's compile-time constants and tile heights for one model shape."""
-    constants: dict  # all but BLOCK_Q
+    constants: dict  # all but BLOCK_Q (shared by every call: read, never written)
     block_q_decode: int  # a decode sequence has one query row: its tile is the group's heads (>= 16 rows for tl.dot)
     block_q_prefill: int
 
@@ -170,6 +171,7 @@ class AttendLaunch:
         return 8 if block_q * self.constants["G_PAD"] * self.constants["D_PAD"] >= 4096 else 4
 
 
+@functools.cache  # once per model shape, not per layer and step
 def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> AttendLaunch:
     """Prefill tiles of BLOCK_M rows (32 at head_dim 256, where 64 spilled even with 8 warps)."""
     group = num_heads // num_kv_heads
@@ -181,6 +183,7 @@ def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: 
     return AttendLaunch(constants, max(1, 16 // g_pad), max(1, rows // g_pad))
 
 
+@functools.cache
 def write_kv_launch(head_dim: int, block_size: int) -> tuple[dict, int]:
     """The KV-write kernel's constants and warps: head_dim / 16 warps, 8 elements of each of K
     and V per thread (at 16 Triton's compiler spilled on sm_86: bench/gpu/compile.py)."""

@@ -55,3 +55,19 @@ def test_bench_serve_names_an_unreachable_server(capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "is the server running" in err and "Traceback" not in err
+
+
+def test_host_step_bench_runs_and_reports_the_host_time():
+    """bench/host_step.py (the README's host-time figure) at toy size: it runs the engine's decode
+    steps and reports a positive host time for the batch it was asked for."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "host_step.py"), "--seqs", "4", "--steps", "3"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"at 4 sequences: median ([0-9.]+) ms over 3 steps", p.stdout)
+    assert m and float(m.group(1)) > 0, p.stdout

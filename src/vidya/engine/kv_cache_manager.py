@@ -21,6 +21,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the same tables as ids, kept beside them
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of each table already keyed
         self.prefix_queries = 0  # tokens looked up in the prefix cache
@@ -31,7 +32,8 @@ class KVCacheManager:
         return self.pool.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """A copy of the request's table as block ids."""
+        return list(self.req_block_ids.get(request_id, ()))
 
     def _hashes(self, request: Request, num_full_blocks: int) -> list[BlockHash]:
         """The keys of the request's first `num_full_blocks` blocks, extending the memo."""
@@ -64,23 +66,32 @@ class KVCacheManager:
                        computed_blocks: list[KVBlock] | None = None) -> bool:
         """Make room for `num_new_tokens` more tokens (after any `computed_blocks` prefix hit).
         Returns False, changing nothing, when the pool cannot supply the blocks."""
+        rid, bs = request.request_id, self.block_size
+        blocks = self.req_blocks.get(rid)
+        total = request.num_computed_tokens + num_new_tokens
+        if blocks is not None and not computed_blocks and total <= len(blocks) * bs:
+            # room in the blocks held (most decode steps): only a block that fills may be keyed
+            if self.enable_caching and min(total, request.num_tokens) // bs > self.num_cached_blocks.get(rid, 0):
+                self._cache_full_blocks(request, blocks, min(total, request.num_tokens) // bs)
+            return True
         computed_blocks = computed_blocks or []
-        blocks = self.req_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        total = num_computed + num_new_tokens
-        need = cdiv(total, self.block_size) - len(blocks) - len(computed_blocks)
+        held = len(blocks) if blocks is not None else 0
+        total += len(computed_blocks) * bs
+        need = cdiv(total, bs) - held - len(computed_blocks)
         # Hit blocks that sit in the free queue stop being available once we take them.
         evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - evictable_hits:
-            if not blocks:
-                del self.req_blocks[request.request_id]
             return False
+        if blocks is None:
+            blocks = self.req_blocks[rid] = []
+            self.req_block_ids[rid] = []
+        ids = self.req_block_ids[rid]
         self.pool.touch(computed_blocks)
-        blocks.extend(computed_blocks)
-        if need > 0:
-            blocks.extend(self.pool.get_new_blocks(need))
+        new = computed_blocks + (self.pool.get_new_blocks(need) if need > 0 else [])
+        blocks.extend(new)
+        ids.extend(b.block_id for b in new)
         if self.enable_caching:
-            self._cache_full_blocks(request, blocks, min(total, request.num_tokens) // self.block_size)
+            self._cache_full_blocks(request, blocks, min(total, request.num_tokens) // bs)
         return True
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_full: int) -> None:
@@ -97,6 +108,7 @@ class KVCacheManager:
         """Give back every block the request holds. The only way blocks return to the pool
         (finish, abort, preemption, disconnect); calling it twice is harmless."""
         blocks = self.req_blocks.pop(request.request_id, None)
+        self.req_block_ids.pop(request.request_id, None)
         self.req_hashes.pop(request.request_id, None)
         self.num_cached_blocks.pop(request.request_id, None)
         if blocks:
@@ -108,3 +120,6 @@ class KVCacheManager:
 
     def check(self) -> None:
         self.pool.check(self.req_blocks.values())
+        assert self.req_block_ids.keys() == self.req_blocks.keys(), "block-id tables drifted from the tables"
+        for rid, blocks in self.req_blocks.items():
+            assert self.req_block_ids[rid] == [b.block_id for b in blocks], f"{rid}: block ids drifted"

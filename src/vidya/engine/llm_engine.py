@@ -269,12 +269,11 @@ class LLMEngine:
 
     def _update(self, sched, requests: list[Request], sampled) -> list[RequestOutput]:
         now = time.monotonic()
-        tokens = {}
-        logprobs = {}
+        tokens, logprobs = {}, {}
         if sampled is not None:
-            for req, tok, lp in zip(requests, sampled.token_ids, sampled.logprobs):
-                tokens[req.request_id] = tok
-                logprobs[req.request_id] = lp
+            tokens = {req.request_id: tok for req, tok in zip(requests, sampled.token_ids)}
+            if any(lp is not None for lp in sampled.logprobs):
+                logprobs = {req.request_id: lp for req, lp in zip(requests, sampled.logprobs)}
         advanced = self.scheduler.update_from_output(sched, tokens)
         self.stats.record_step(self.scheduler)
         touched: dict[str, RequestState] = {}
@@ -285,7 +284,7 @@ class LLMEngine:
                 self.stats.record_first_token(len(state.prompt_token_ids), now - state.arrival_time)
             self.stats.record_token(now - sample.last_token_time if sample.last_token_time else None)
             sample.last_token_time = now
-            if update_sample(sample, tokens[req.request_id], logprobs[req.request_id], self.tokenizer):
+            if update_sample(sample, req.all_token_ids[-1], logprobs.get(req.request_id), self.tokenizer):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = sample.stop_reason
             if req.status.finished:
@@ -299,8 +298,9 @@ class LLMEngine:
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
-            outputs.append(state.output())
-            if state.finished:
+            out = state.output()
+            outputs.append(out)
+            if out.finished:
                 self.states.pop(state.request_id, None)
                 self.stats.record_finished(state, now)
         return outputs

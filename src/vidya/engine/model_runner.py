@@ -148,20 +148,21 @@ class ModelRunner:
         decodes only may be padded to `pad_to` sequences (a CUDA-graph bucket): padding rows
         read token 0 at position 0, write no KV (slot -1) and attend to one key of block 0."""
         bs = self.block_size
-        is_decode = lambda s: s.num_new_tokens == 1 and s.samples
+        decodes, prefills = [], []
+        for s in out.scheduled:
+            (decodes if s.num_new_tokens == 1 and s.samples else prefills).append(s)
         # decodes first, then prefill chunks shortest first (a backend may send the long ones,
         # a suffix of the batch, to another kernel)
-        order = [s for s in out.scheduled if is_decode(s)] + sorted(
-            (s for s in out.scheduled if not is_decode(s)), key=lambda s: s.num_new_tokens)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        row_seq: list[int] = []
-        logits_rows: list[int] = []
-        sampling: list[Request] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        for i, s in enumerate(order):
+        prefills.sort(key=lambda s: s.num_new_tokens)
+        # decodes: one row each, and each samples
+        positions = [s.request.num_computed_tokens for s in decodes]
+        ids = [s.request.all_token_ids[p] for s, p in zip(decodes, positions)]
+        slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
+        n = len(decodes)
+        row_seq, starts, logits_rows = list(range(n)), list(range(n + 1)), list(range(n))
+        seq_lens = [p + 1 for p in positions]
+        sampling = [s.request for s in decodes]
+        for i, s in enumerate(prefills, start=n):
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
             ids.extend(r.all_token_ids[start:end])
@@ -174,8 +175,8 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(r)
-        tables = [s.block_ids for s in order]
-        for i in range(len(order), pad_to):
+        tables = [s.block_ids for s in decodes] + [s.block_ids for s in prefills]
+        for i in range(len(tables), pad_to):
             ids.append(0)
             positions.append(0)
             slots.append(-1)
@@ -183,19 +184,19 @@ class ModelRunner:
             starts.append(len(ids))
             seq_lens.append(1)
             tables.append([0])
-        width = max((len(t) for t in tables), default=1)
-        dev = self.device
-        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
+        width = max(map(len, tables), default=1)
+        # one host list, one tensor, one copy to the device; the fields are views of it
+        flat = ids + positions + slots + row_seq + [p + 1 for p in positions] + seq_lens + logits_rows
+        for t in tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        t, q = len(ids), len(tables)
+        parts = torch.tensor(flat, dtype=torch.long, device=self.device).split(
+            [t, t, t, t, t, q, len(logits_rows), q * width])
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots),
-            block_tables=tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width),
-            row_seq=tensor(row_seq),
-            row_ctx=tensor([p + 1 for p in positions]),
-            seq_lens=tensor(seq_lens),
-            query_starts=starts,
-            num_decodes=sum(1 for s in order if is_decode(s)) + max(0, pad_to - len(order)),
-        )
-        return ModelInput(tensor(ids), tensor(positions), meta, tensor(logits_rows), sampling)
+            slot_mapping=parts[2], block_tables=parts[7].view(q, width), row_seq=parts[3], row_ctx=parts[4],
+            seq_lens=parts[5], query_starts=starts, num_decodes=n + max(0, pad_to - len(out.scheduled)))
+        return ModelInput(parts[0], parts[1], meta, parts[6], sampling)
 
     @torch.inference_mode()
     def forward(self, step) -> None:

@@ -28,7 +28,7 @@ class SampleState:
         if self.finish_reason is None and stops:
             text = text[:len(text) - held_back(text, stops)]
         return CompletionOutput(
-            index=self.index, text=text, token_ids=list(self.request.output_token_ids),
+            index=self.index, text=text, token_ids=self.request.output_token_ids,  # (a fresh slice)
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason)
@@ -50,11 +50,12 @@ class RequestState:
         return all(s.finish_reason is not None for s in self.samples)
 
     def output(self) -> RequestOutput:
-        stops = self.samples[0].request.sampling_params.stop
         first = self.samples[0].request
+        stops = first.sampling_params.stop
+        outputs = [s.completion(stops) for s in self.samples]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.completion(stops) for s in self.samples], finished=self.finished,
+            outputs=outputs, finished=all(o.finish_reason is not None for o in outputs),
             num_cached_tokens=max(first.num_cached_tokens, 0),
             metrics={"arrival_time": self.arrival_time, "first_token_time": self.first_token_time or 0.0})
 

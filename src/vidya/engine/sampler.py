@@ -49,15 +49,15 @@ class Sampler:
                    for r in requests)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        if not self.only_argmax(requests):
+        adjust = [i for i, r in enumerate(requests) if self._needs_adjust(r)]
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        if adjust or len(greedy) < len(requests) or any(r.sampling_params.logprobs is not None for r in requests):
             logits = logits.float()  # argmax alone is exact in the model's dtype
         raw = logits
-        adjust = [i for i, r in enumerate(requests) if self._needs_adjust(r)]
         if adjust:  # copy only when some row changes: the raw logits give logprobs
             logits = logits.clone()
             for i in adjust:
                 self._adjust(logits[i], requests[i])
-        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         if len(greedy) == len(requests):  # the common benchmark case: one argmax, no gathers
             token_list = self.first_max(logits).tolist()
             return SamplerOutput(token_list, self._logprobs(raw, requests, token_list))
@@ -92,9 +92,11 @@ class Sampler:
     @staticmethod
     def _needs_adjust(req: Request) -> bool:
         sp = req.sampling_params
-        bans = req.num_output_tokens < sp.min_tokens and (
-            sp.stop_token_ids or (req.eos_token_ids and not sp.ignore_eos))
-        return bool(sp.logit_bias) or bool(bans) or sp.uses_penalties
+        if sp.logit_bias or sp.uses_penalties:
+            return True
+        # (min_tokens is checked first: it is usually 0, and counting the output is not free)
+        return bool(sp.min_tokens and req.num_output_tokens < sp.min_tokens
+                    and (sp.stop_token_ids or (req.eos_token_ids and not sp.ignore_eos)))
 
     @staticmethod
     def _adjust(row: torch.Tensor, req: Request) -> None:

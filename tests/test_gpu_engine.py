@@ -60,6 +60,7 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert s["requests"] == 6 and s["output_tok_s"] > 0 and s["decode_steps"] >= s["output_tokens"] - 1
     assert 0 < s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] and 0 < s["itl_s"]["p50"] <= s["itl_s"]["p99"]
     assert 0 < s["fraction_of_floor"] and s["decode_step_ms"] > s["host_ms_per_step"] > 0
+    assert s["overlap_outputs"] and s["overlapped_host_ms_per_step"] > 0  # outputs built during the next step
     a10 = r["a10"]  # the projection: at the floor with estimated activations unless a GPU run measured them
     assert not a10["efficiency_measured"] and a10["efficiency"] == 1.0
     assert a10["tutor_util0.92"]["kv_room_tokens"] == a10["bench_512_256_util0.92"]["kv_room_tokens"] > 20_000

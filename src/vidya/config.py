@@ -67,6 +67,7 @@ class EngineArgs:
     load_format: str = "auto"  # "dummy": random weights from the model's config (as vLLM's)
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's name)
     tensor_parallel_size: int = 1  # ranks the model is split across (vllm's name)
+    overlap_outputs: bool | None = None  # build a step's outputs during the next forward; None: on a GPU
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

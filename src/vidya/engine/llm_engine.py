@@ -126,6 +126,10 @@ class LLMEngine:
         self.states: dict[str, RequestState] = {}
         self.sample_of: dict[str, tuple[RequestState, SampleState]] = {}
         self.stats = EngineStats()
+        # a step's outputs are built while the next step runs on the device (GPU; off elsewhere,
+        # where the forward runs on this thread and would only delay them by a step)
+        self.overlap_outputs = (self.device.type == "cuda") if args.overlap_outputs is None else args.overlap_outputs
+        self._pending_outputs: list = []  # at most one step's `_advance` result
         self._ids = itertools.count()
         self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
@@ -248,16 +252,25 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step: schedule, run the model, apply its tokens. With `overlap_outputs` (on a GPU)
+        the previous step's outputs (detokenizing, stop strings, logprobs' text, RequestOutputs)
+        are built while this step's forward runs on the device and returned now; this step's
+        come with the next call (a step with nothing scheduled returns what is still pending)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return self._process(self._pending_outputs.pop()) if self._pending_outputs else []
         self._record_queue_time(sched)
         out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
-        if are_tokens:
+        previous = self._process(self._pending_outputs.pop()) if self._pending_outputs else []
+        if are_tokens:  # (the device work runs until this copy to the host: the overlap's window)
             sampled = SamplerOutput(out.tolist(), [None] * len(requests))
         else:
             sampled = self.sampler(out, requests) if requests else None
-        return self._update(sched, requests, sampled)
+        done = self._advance(sched, requests, sampled)
+        if self.overlap_outputs:
+            self._pending_outputs.append(done)
+            return previous
+        return self._process(done)
 
     def _record_queue_time(self, sched) -> None:
         now = time.monotonic()
@@ -267,8 +280,10 @@ class LLMEngine:
                 entry[0].scheduled_time = now
                 self.stats.queue_time.observe(now - entry[0].arrival_time)
 
-    def _update(self, sched, requests: list[Request], sampled) -> list[RequestOutput]:
-        now = time.monotonic()
+    def _advance(self, sched, requests: list[Request], sampled) -> tuple[float, list[Request], dict]:
+        """The scheduler's part of a step's result: tokens appended, requests at EOS, a stop token
+        or their length finished (their blocks free for the next schedule). Returns what
+        `_process` needs: the time, the requests that got a token, their logprobs."""
         tokens, logprobs = {}, {}
         if sampled is not None:
             tokens = {req.request_id: tok for req, tok in zip(requests, sampled.token_ids)}
@@ -276,14 +291,30 @@ class LLMEngine:
                 logprobs = {req.request_id: lp for req, lp in zip(requests, sampled.logprobs)}
         advanced = self.scheduler.update_from_output(sched, tokens)
         self.stats.record_step(self.scheduler)
+        for req in advanced:  # an n > 1 request's other samples join once the first has its prompt
+            entry = self.sample_of.get(req.request_id)
+            if entry is not None and entry[0].pending:
+                for r in entry[0].pending:
+                    self.scheduler.add_request(r, front=True)
+                entry[0].pending = []
+        return time.monotonic(), advanced, logprobs
+
+    def _process(self, done: tuple[float, list[Request], dict]) -> list[RequestOutput]:
+        """A step's outputs: each new token into its sample's text (a stop string there finishes
+        the request), timings, and one RequestOutput per request that changed."""
+        now, advanced, logprobs = done
         touched: dict[str, RequestState] = {}
         for req in advanced:
-            state, sample = self.sample_of[req.request_id]
+            entry = self.sample_of.get(req.request_id)
+            if entry is None:  # aborted since the step ran (overlapped outputs)
+                continue
+            state, sample = entry
             if state.first_token_time is None:
                 state.first_token_time = now
                 self.stats.record_first_token(len(state.prompt_token_ids), now - state.arrival_time)
             self.stats.record_token(now - sample.last_token_time if sample.last_token_time else None)
             sample.last_token_time = now
+            # (the request's last token still: the next step's are appended after this runs)
             if update_sample(sample, req.all_token_ids[-1], logprobs.get(req.request_id), self.tokenizer):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = sample.stop_reason
@@ -291,10 +322,6 @@ class LLMEngine:
                 sample.finish_reason = req.status.finish_reason
                 sample.stop_reason = req.stop_reason
                 self._forget(sample)
-            if state.pending:
-                for r in state.pending:
-                    self.scheduler.add_request(r, front=True)
-                state.pending = []
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():

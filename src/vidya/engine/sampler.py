@@ -30,7 +30,7 @@ class Sampler:
 
     def generator_for(self, req: Request) -> torch.Generator | None:
         seed = req.sampling_params.seed
-        if seed is None:
+        if seed is None or req.is_finished:  # (finished by a stop string while its step ran: discarded)
             return None
         g = self.request_generators.get(req.request_id)
         if g is None:

@@ -140,7 +140,7 @@ class Scheduler:
         advanced = []
         for s in out.scheduled:
             req = s.request
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished:  # aborted, or ended by a stop string found late (overlap), while the step ran
                 continue
             req.num_computed_tokens += s.num_new_tokens
             token = sampled.get(req.request_id)

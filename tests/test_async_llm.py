@@ -11,10 +11,11 @@ from vidya.config import EngineArgs
 from vidya.engine.async_llm import AsyncLLM
 
 
-@pytest.fixture(scope="module")
-def async_llm(tiny_models):
+@pytest.fixture(scope="module", params=[False, True], ids=["step-by-step", "overlapped-outputs"])
+def async_llm(tiny_models, request):
+    """Also with the GPU's overlapped outputs (forced here): streams, aborts and errors the same."""
     llm = AsyncLLM(EngineArgs(model=tiny_models["llama"][0], dtype="float32", block_size=4,
-                              show_progress=False, max_model_len=512))
+                              show_progress=False, max_model_len=512, overlap_outputs=request.param))
     yield llm
     llm.shutdown()
 

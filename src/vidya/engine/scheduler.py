@@ -104,11 +104,12 @@ class Scheduler:
                 continue
             break
         if not out.preempted:
-            self._admit_waiting(out, budget)
-        out.num_scheduled_tokens = sum(s.num_new_tokens for s in out.scheduled)
+            budget = self._admit_waiting(out, budget)
+        out.num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit from the front of the queue; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
@@ -124,6 +125,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
             budget -= n
+        return budget
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -146,7 +148,7 @@ class Scheduler:
             token = sampled.get(req.request_id)
             if token is None:
                 continue
-            req.append_output_token(token)
+            req.all_token_ids.append(token)
             advanced.append(req)
             status = self._check_stop(req, token)
             if status is not None:
@@ -155,13 +157,15 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         sp = req.sampling_params
-        if req.num_output_tokens >= sp.min_tokens:
+        num_tokens = len(req.all_token_ids)
+        num_output = num_tokens - len(req.prompt_token_ids)
+        if num_output >= sp.min_tokens:
             if not sp.ignore_eos and req.eos_token_ids and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-            if token in sp.stop_token_ids:
+            if sp.stop_token_ids and token in sp.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if num_output >= req.max_tokens or num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

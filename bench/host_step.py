@@ -20,6 +20,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled (the tutor's 0.7)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None, help="a seed per request (its own generator)")
     args = ap.parse_args()
     import torch
     from transformers import LlamaConfig
@@ -37,8 +40,9 @@ def main() -> int:
         engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="float32", max_model_len=1024,
                                       max_num_seqs=args.seqs, show_progress=False, backend="torch", kv_cache_memory=0.5))
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 100, ignore_eos=True)
-    for _ in range(args.seqs):
+    for i in range(args.seqs):
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.steps + 100,
+                                ignore_eos=True, seed=None if args.seed is None else args.seed + i)
         engine.add_request(None, [rng.randrange(3, 512) for _ in range(512)], params)
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()

@@ -170,7 +170,8 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50": xs[len(xs) // 2], "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
 
 
-def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None) -> dict:
+def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
+             steady: bool = False) -> dict:
     from transformers import LlamaConfig
 
     from vidya.config import EngineArgs
@@ -265,8 +266,43 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         free, total = torch.cuda.mem_get_info(device)
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
                    used_gib=(total - free) / GiB)
+    if steady:
+        out["steady"] = steady_state(engine, steps, shape["vocab_size"], p_len, o_len, 300 if smoke else 384)
     del engine
     return out
+
+
+def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req: int) -> dict:
+    """Serving's steady state on the same engine: more requests than max_num_seqs, answer lengths
+    spread, so as one finishes a waiting one joins and most steps carry a prompt beside the
+    decodes (a decode-only step replays a CUDA graph; a mixed one runs eagerly). The step time of
+    each kind at a near-full batch, and how often each came."""
+    from vidya.sampling_params import SamplingParams
+    rng = random.Random(1)
+    for _ in range(n_req):
+        params = SamplingParams(temperature=0.0, max_tokens=rng.randint(max(1, o_len // 8), o_len), ignore_eos=True)
+        engine.add_request(None, [rng.randrange(3, vocab) for _ in range(p_len)], params)
+    first, tokens, t0 = len(steps), 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        s0 = time.perf_counter()
+        tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        steps[-1].append(time.perf_counter() - s0)
+    wall = time.perf_counter() - t0
+    kinds = []  # (decodes, prompt tokens, seconds)
+    for entry in steps[first:]:
+        if len(entry) < 2 or entry[0].is_empty:
+            continue
+        sched, seconds = entry[0], entry[1]
+        decodes = sum(1 for s in sched.scheduled if s.num_new_tokens == 1 and s.samples)
+        kinds.append((decodes, sched.num_scheduled_tokens - decodes, seconds))
+    top = max((k[0] for k in kinds), default=0)
+    full = [k for k in kinds if k[0] >= 0.8 * top]
+    mixed, pure = [k for k in full if k[1]], [k for k in full if not k[1]]
+    median_ms = lambda xs: 1e3 * statistics.median(xs) if xs else None
+    return {"requests": n_req, "output_tok_s": tokens / wall, "steps": len(kinds), "near_full_batch": top,
+            "near_full_steps": len(full), "mixed_fraction": len(mixed) / len(full) if full else None,
+            "mixed_step_ms": median_ms([k[2] for k in mixed]), "decode_only_step_ms": median_ms([k[2] for k in pure]),
+            "mixed_prompt_tokens": statistics.median(k[1] for k in mixed) if mixed else None}
 
 
 def a10(served: dict | None, smoke: bool) -> dict:
@@ -340,7 +376,7 @@ def main() -> int:
             gb_s = bw["gb_s"]
         section("kernels", lambda: kernels(device, dtype, args.smoke))
         section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
-        section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None))
+        section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, steady=True))
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
         section("a10", lambda: a10(served, args.smoke))
         section("sweep_24gb", lambda: sweep_24gb(device, workdir, os.path.dirname(os.path.abspath(args.json)), args.smoke))

@@ -188,9 +188,9 @@ class ModelRunner:
         width = max(map(len, tables), default=1)
         # one host list, one tensor, one copy to the device; the fields are views of it
         flat = ids + positions + slots + row_seq + [p + 1 for p in positions] + seq_lens + logits_rows
-        for t in tables:
-            flat += t
-            flat += [0] * (width - len(t))
+        for table in tables:
+            flat += table
+            flat += [0] * (width - len(table))
         t, q = len(ids), len(tables)
         # (through array: 3-4x faster than torch.tensor on a list of ~12k ints, 0.6 ms a 256-decode step)
         host = torch.frombuffer(array.array("q", flat), dtype=torch.long)

@@ -113,10 +113,13 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
         assert "concurrency    4" in r.stdout and "sweep" in r.stderr  # a line per level; the bar on stderr
         sweep = json.loads(out.read_text())
         assert sweep["model"] == "tiny" and [lv["concurrency"] for lv in sweep["levels"]] == [1, 4]
+        assert sweep["length_spread"] == 0.5 and [lv["latency_requests"] for lv in sweep["levels"]] == [5, 2]
         for lv in sweep["levels"]:
             assert lv["completed"] == 6 and lv["failed"] == 0 and lv["output_tok_s"] > 0
             assert lv["ttft_p99_ms"] > 0 and lv["e2e_p99_ms"] >= lv["ttft_p99_ms"]
-            assert lv["prompt_tokens_per_request"] > 100 and lv["output_tokens_per_request"] == 128
+            # answers of 64..192 tokens (the workload's 128 +- half), 128 on average
+            assert lv["prompt_tokens_per_request"] > 100 and abs(lv["output_tokens_per_request"] - 128) < 1
+            assert lv["output_tokens_range"] == [64, 192]
             assert 0 < lv["kv_cache_usage_peak"] <= 1 and lv["preemptions"] == 0
         # each request is a new question: level 4 replays level 1's conversations, yet the prefix
         # cache may hit only what they share before the tag (under one 16-token block of template
@@ -127,6 +130,13 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
         r = vidya("plan", "--sweep", str(out), "--p99-ttft", "60", "--json")
         p = json.loads(r.stdout)
         assert r.returncode == 0 and p["operating_concurrency"] in (1, 4) and p["replicas"] >= 1
+        # --length-spread 0: every answer the workload's length; a level of no more requests than its
+        # concurrency has no opening wave to leave out of its latency
+        r = vidya("bench", "sweep", "--base-url", s.url, "--levels", "2", "--requests-per-level", "2",
+                  "--length-spread", "0", "--json", str(tmp_path / "equal.json"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        (lv,) = json.loads((tmp_path / "equal.json").read_text())["levels"]
+        assert lv["output_tokens_range"] == [128, 128] and lv["latency_requests"] == 2
         # every request failing (a wrong model) reads as that, with the server's reason, not as a slow server
         r = vidya("bench", "sweep", "--base-url", s.url, "--model", "nope", "--levels", "1",
                   "--requests-per-level", "2", "--json", str(tmp_path / "dead.json"))
@@ -136,6 +146,17 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
         s.terminate()
     r = vidya("bench", "sweep", "--base-url", s.url, "--levels", "4,1")
     assert r.returncode == 2 and "rising" in r.stderr
+    r = vidya("bench", "sweep", "--base-url", s.url, "--length-spread", "1.5")
+    assert r.returncode == 2 and "--length-spread must be in [0, 1)" in r.stderr, r.stderr
     # a --json path that cannot be written is refused before the sweep runs (the server is gone)
     r = vidya("bench", "sweep", "--base-url", s.url, "--levels", "1", "--json", str(tmp_path / "no" / "s.json"))
     assert r.returncode == 2 and "cannot write there" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_spread_lengths_keep_the_mean_and_mix_the_order():
+    from vidya.bench.sweep import spread_lengths
+    xs = spread_lengths(128, 64, 0.5, seed=8)
+    assert min(xs) == 64 and max(xs) == 192 and abs(sum(xs) / len(xs) - 128) < 0.5
+    assert xs == spread_lengths(128, 64, 0.5, seed=8) and xs != sorted(xs)  # fixed by the seed, not in order
+    assert spread_lengths(128, 5, 0.0, seed=1) == [128] * 5 and spread_lengths(7, 1, 0.5, seed=1) == [7]
+    assert min(spread_lengths(1, 9, 0.9, seed=1)) == 1  # never below one token

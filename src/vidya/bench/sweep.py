@@ -1,13 +1,19 @@
 """`vidya bench sweep`: the tutor workload against any OpenAI-compatible server at rising
 concurrency, one level after another, recording per level what `vidya plan` needs: output tok/s,
 requests/s, TTFT / inter-token / end-to-end latency p50/p90/p99, errors, the tokens a request
-spends, and on a vidya server the peak KV-cache use and the preemptions during the level."""
+spends, and on a vidya server the peak KV-cache use and the preemptions during the level.
+
+A level runs as serving does, not in waves: answer lengths are spread around the workload's
+(`--length-spread`, the mean kept), so requests finish at different times and each next one joins
+a running batch alone; the opening wave (the level's first `concurrency` requests, which arrive
+together) counts for throughput but not for latency."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -19,7 +25,8 @@ from vidya.bench.serve import normalize_base_url, request_body, resolve_model, r
 from vidya.bench.workload import load_workload
 
 DEFAULT_LEVELS = "1,8,16,32,64,128,256"
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: spread answer lengths, latency after the opening wave
+DEFAULT_LENGTH_SPREAD = 0.5
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--json", default=None, help="write the sweep here (the input of `vidya plan --sweep`)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--length-spread", type=float, default=DEFAULT_LENGTH_SPREAD,
+                   help="answer lengths spread evenly within +-this fraction of the workload's max_tokens, the "
+                        "mean kept, so that a level reaches serving's steady state instead of sending waves "
+                        f"(0: every answer the same length; default {DEFAULT_LENGTH_SPREAD:g})")
 
 
 def parse_levels(text: str) -> list[int]:
@@ -58,6 +69,21 @@ async def vidya_gauges(client: httpx.AsyncClient, root: str) -> dict[str, float]
     return out
 
 
+def spread_lengths(max_tokens: int, n: int, spread: float, seed: int) -> list[int]:
+    """n answer lengths evenly spaced within max_tokens x (1 +- spread), in a shuffled order
+    fixed by the seed; their mean is max_tokens (up to rounding)."""
+    if n == 1 or spread == 0:
+        return [max_tokens] * n
+    lengths = [max(1, round(max_tokens * (1 - spread + 2 * spread * i / (n - 1)))) for i in range(n)]
+    random.Random(seed).shuffle(lengths)
+    return lengths
+
+
+def with_length(body: dict, n: int) -> dict:
+    """The request asking for exactly n tokens where the workload fixes its length (min_tokens)."""
+    return {**body, "max_tokens": n, **({"min_tokens": n} if "min_tokens" in body else {})}
+
+
 async def run_level(client: httpx.AsyncClient, base: str, bodies: list[dict], level: int, timeout: float) -> dict:
     root = base.removesuffix("/v1")
     before = await vidya_gauges(client, root)
@@ -75,9 +101,15 @@ async def run_level(client: httpx.AsyncClient, base: str, bodies: list[dict], le
         watcher.cancel()
     after = await vidya_gauges(client, root)
     ok = [r for r in results if r.error is None]
-    row = {"concurrency": level, "num_requests": len(results), **summarize(results),
+    # latency from the requests after the opening wave (they joined a running batch one by one,
+    # as students do); throughput, errors and tokens from all of them
+    steady = results[level:] if len(results) > level else results
+    latency = {k: v for k, v in summarize(steady).items() if k.startswith(("ttft_", "itl_", "e2e_"))}
+    row = {"concurrency": level, "num_requests": len(results), **summarize(results), **latency,
+           "latency_requests": len(steady),
            "prompt_tokens_per_request": (sum(r.prompt_tokens or 0 for r in ok) / len(ok)) if ok else None,
-           "output_tokens_per_request": (sum(r.output_tokens for r in ok) / len(ok)) if ok else None}
+           "output_tokens_per_request": (sum(r.output_tokens for r in ok) / len(ok)) if ok else None,
+           "output_tokens_range": [min(r.output_tokens for r in ok), max(r.output_tokens for r in ok)] if ok else None}
     seen = [x for x in peak_kv + [after.get("kv_cache_usage_perc")] if x is not None]
     row["kv_cache_usage_peak"] = max(seen) if seen else None
     row["preemptions"] = (after["num_preemptions_total"] - before["num_preemptions_total"]
@@ -100,12 +132,15 @@ async def sweep(args, base: str, levels: list[int]) -> dict:
             n = args.requests_per_level or max(16, 2 * level)
             convs = (workload.conversations * (n // len(workload.conversations) + 1))[:n]
             convs = [as_new_question(c, f"{level}.{i}") for i, c in enumerate(convs)]
+            lengths = spread_lengths(workload.max_tokens, n, args.length_spread, seed=level)
             bar.set_postfix_str(f"concurrency {level}, {n} requests")
-            row = await run_level(client, base, [request_body(workload, model, c) for c in convs], level, args.timeout)
+            bodies = [with_length(request_body(workload, model, c), m) for c, m in zip(convs, lengths)]
+            row = await run_level(client, base, bodies, level, args.timeout)
             rows.append(row)
             bar.write(format_row(row))
     return {"version": SWEEP_VERSION, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base_url": base, "model": model, "workload": workload.name, "backend": backend, "levels": rows}
+            "base_url": base, "model": model, "workload": workload.name, "backend": backend,
+            "length_spread": args.length_spread, "levels": rows}
 
 
 def as_new_question(messages: list[dict], tag: str) -> list[dict]:
@@ -137,6 +172,8 @@ def main(args) -> int:
         raise ValueError(f"--requests-per-level must be at least 1, got {args.requests_per_level}")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout:g}")
+    if not 0 <= args.length_spread < 1:
+        raise ValueError(f"--length-spread must be in [0, 1), got {args.length_spread:g}")
     if args.json:  # before the sweep, not after it: a path that cannot be written would lose it
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.json):

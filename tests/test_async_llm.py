@@ -34,8 +34,15 @@ def test_streams_grow_and_match_offline(async_llm):
 
     results = asyncio.run(main())
     for seen in results:
-        assert len(seen) == 16 and seen[-1].finish_reason == "length"
-        assert [len(s.token_ids) for s in seen] == list(range(1, 17))
+        lengths = [len(s.token_ids) for s in seen]
+        assert lengths[-1] == 16 and seen[-1].finish_reason == "length"
+        if async_llm.engine.overlap_outputs:
+            # a step's outputs come with the next step, and the last ones with a step that runs no
+            # model: two can queue up at once, and a reader skips to the latest (outputs are
+            # cumulative); each one it sees is longer than the one before
+            assert len(seen) >= 8 and lengths == sorted(set(lengths)), lengths
+        else:
+            assert lengths == list(range(1, 17))
     offline = async_llm.engine
     assert not offline.has_unfinished_requests()
     assert_all_blocks_free(offline)

@@ -62,7 +62,7 @@ def test_overlapped_outputs_are_the_step_by_step_outputs_a_step_later(tiny_model
     assert first_overlapped == first_sync + 1, "outputs were not deferred by one step"
     assert got == expected
     overlapped.check()
-    assert not overlapped.sample_of and not overlapped.states and not overlapped._pending_outputs
+    assert not overlapped.sample_of and not overlapped.states and overlapped._pending is None
     assert not overlapped.sampler.request_generators, "a discarded step left a seeded generator behind"
     assert not overlapped.scheduler.running and not overlapped.kv.req_blocks
 
@@ -73,7 +73,7 @@ def test_an_abort_with_outputs_pending_loses_nothing_else(tiny_models):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=10, seed=i))
     for _ in range(3):
         engine.step()
-    assert engine._pending_outputs, "nothing pending: the abort would not test the overlap"
+    assert engine._pending is not None, "nothing pending: the abort would not test the overlap"
     assert engine.abort("r1")
     outputs = []
     while engine.has_unfinished_requests():

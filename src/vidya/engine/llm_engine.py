@@ -129,7 +129,7 @@ class LLMEngine:
         # a step's outputs are built while the next step runs on the device (GPU; off elsewhere,
         # where the forward runs on this thread and would only delay them by a step)
         self.overlap_outputs = (self.device.type == "cuda") if args.overlap_outputs is None else args.overlap_outputs
-        self._pending_outputs: list = []  # at most one step's `_advance` result
+        self._pending = None  # the `_advance` result of the step whose outputs are still to build
         self._ids = itertools.count()
         self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
@@ -258,19 +258,23 @@ class LLMEngine:
         come with the next call (a step with nothing scheduled returns what is still pending)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self._process(self._pending_outputs.pop()) if self._pending_outputs else []
+            return self._process_pending()
         self._record_queue_time(sched)
         out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
-        previous = self._process(self._pending_outputs.pop()) if self._pending_outputs else []
+        previous = self._process_pending()
         if are_tokens:  # (the device work runs until this copy to the host: the overlap's window)
             sampled = SamplerOutput(out.tolist(), [None] * len(requests))
         else:
             sampled = self.sampler(out, requests) if requests else None
         done = self._advance(sched, requests, sampled)
         if self.overlap_outputs:
-            self._pending_outputs.append(done)
+            self._pending = done
             return previous
         return self._process(done)
+
+    def _process_pending(self) -> list[RequestOutput]:
+        done, self._pending = self._pending, None
+        return self._process(done) if done is not None else []
 
     def _record_queue_time(self, sched) -> None:
         now = time.monotonic()

@@ -148,7 +148,7 @@ class Scheduler:
             token = sampled.get(req.request_id)
             if token is None:
                 continue
-            req.all_token_ids.append(token)
+            req.append_output_token(token)
             advanced.append(req)
             status = self._check_stop(req, token)
             if status is not None:

@@ -23,15 +23,27 @@ def long_prompt() -> str:
 
 @pytest.fixture(scope="module")
 def reference():
-    """transformers' Gemma3ForCausalLM over the GGUF, read and dequantized by transformers."""
+    """transformers' Gemma3ForCausalLM over the GGUF, read and dequantized by transformers.
+    transformers parses the file's header with gguf's GGUFReader twice (config, then tensors):
+    ~25 s each here for a 262k-token vocabulary, so the one reader is kept for both."""
+    import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from vidya.models import loader
     src = loader.resolve("gemma3-270m")
-    config = AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file)
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(src.path, return_tensors=True, model_to_load=shell)["tensors"]
+    readers = {}
+    def reader_once(path):
+        if path not in readers:
+            readers[path] = gguf_reader(path)
+        return readers[path]
+    gguf_reader = gguf.GGUFReader
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader_once)
+        config = AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file)
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(src.path, return_tensors=True, model_to_load=shell)["tensors"]
+    assert len(readers) == 1, "transformers read the file through another reader: the memo did nothing"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # tied to the embeddings

@@ -26,6 +26,16 @@ def test_the_profiling_forward_runs_the_largest_step(arch, tiny_models):
     assert profile_forward(r.model, r.ops, engine.model_config, 7, 512, 256, 16, torch.float32, torch.device("cpu")) == 0
 
 
+def test_a_one_token_prompt_after_longer_ones_is_no_decode():
+    """The profiling forward's sequences may be 20, 20 and 1 tokens: the last, of one token, is a
+    prompt. Only the leading run of 1-token sequences are decodes (a backend tiles them so)."""
+    from vidya.attention.metadata import AttentionMetadata
+    tables = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+    cpu = torch.device("cpu")
+    assert AttentionMetadata.for_sequences([20, 20, 1], [20, 20, 1], tables, 4, cpu).num_decodes == 0
+    assert AttentionMetadata.for_sequences([1, 1, 20], [7, 9, 20], [[0, 1], [2, 3, 4], tables[0]], 4, cpu).num_decodes == 2
+
+
 def test_kv_budget_is_the_utilisation_less_what_is_used_and_the_activations(tiny_models, monkeypatch):
     engine = make_engine(tiny_models["llama"][0], backend="torch")
     config = engine.model_config
@@ -72,3 +82,31 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert all(150 < lv["prompt_tokens_per_request"] < 260 for lv in sw["levels"])  # the tutor's prompt lengths
     assert json.loads((tmp_path / "gpu-sweep-24gb.json").read_text())["levels"] == sw["levels"]
     assert sw["plan"]["feasible"] and sw["plan"]["hpa_target_running_per_pod"] == 2
+
+
+def test_every_field_of_a_step_starts_16_byte_aligned(tiny_models):
+    """Triton compiles a kernel anew for each 16-byte alignment of its pointer arguments: the
+    step's fields (views of one buffer copied to the device once) must start aligned whatever the
+    step's counts, or odd token counts would compile the attention kernel again mid-serving."""
+    from vidya import SamplingParams
+    engine = make_engine(tiny_models["llama"][0], backend="torch")
+    groups = [[5], [3, 4, 7], [2, 9, 1]]  # prompt lengths; a group joins each step, answers of k tokens
+    seen = set()
+    while groups or engine.scheduler.has_unfinished:
+        for k in groups.pop(0) if groups else ():
+            engine.add_request(f"r{len(groups)}-{k}", list(range(3, 3 + k)), SamplingParams(temperature=0, max_tokens=k))
+        sched = engine.scheduler.schedule()
+        inp = engine.runner.prepare(sched)
+        m = inp.meta
+        fields = dict(input_ids=inp.input_ids, positions=inp.positions, logits_indices=inp.logits_indices,
+                      slot_mapping=m.slot_mapping, block_tables=m.block_tables, row_seq=m.row_seq,
+                      row_ctx=m.row_ctx, seq_lens=m.seq_lens)
+        assert {k: v.data_ptr() % 16 for k, v in fields.items()} == dict.fromkeys(fields, 0)
+        assert m.seq_lens.tolist() == [s.request.num_computed_tokens + s.num_new_tokens for s in
+                                       sorted(sched.scheduled, key=lambda s: (not (s.num_new_tokens == 1 and s.samples), s.num_new_tokens))]
+        assert m.num_decodes == sum(s.num_new_tokens == 1 and s.samples for s in sched.scheduled)
+        assert inp.input_ids.numel() == sched.num_scheduled_tokens == m.slot_mapping.numel()
+        seen.add((inp.input_ids.numel() % 2, len(sched.scheduled) % 2))
+        engine.scheduler.update_from_output(sched, {r.request_id: 5 for r in inp.sampling_requests})
+        engine.check()
+    assert seen >= {(1, 1), (0, 1), (1, 0)}, seen  # odd and even token and sequence counts were met

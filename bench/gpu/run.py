@@ -27,6 +27,7 @@ tested where no GPU is; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -117,9 +118,13 @@ def kernels(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]
             want = reference.attend(q, k_cache, v_cache, meta, d ** -0.5, window)
             got = triton_paged.attend(q, k_cache, v_cache, meta, d ** -0.5, window)
             err = (got.float() - want.float()).abs().max().item()
+            # both round to bf16 (the reference its scores too): a few units in the last place of
+            # the largest output (~0.016 at |x| of 2-4); a wrong kernel is off by O(1)
+            bound = 2e-2 * max(1.0, want.float().abs().max().item())
             repeat = 2 if smoke else 20
             out.append({"shape": name, "kv_heads": kvh, "heads": h, "head_dim": d, "window": window,
-                        "decodes": decodes, "chunks": 2, "dtype": str(dtype), "max_abs_err": err, "ok": err < 2e-2,
+                        "decodes": decodes, "chunks": 2, "dtype": str(dtype), "max_abs_err": err,
+                        "err_bound": bound, "ok": err <= bound,
                         "triton_ms": 1e3 * timed(lambda: triton_paged.attend(q, k_cache, v_cache, meta, d ** -0.5, window), device, repeat),
                         "reference_ms": 1e3 * timed(lambda: reference.attend(q, k_cache, v_cache, meta, d ** -0.5, window), device, repeat)})
     return out
@@ -198,6 +203,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)
     steps: list = []
+    contexts: dict[int, int] = {}  # step number -> tokens of context its sequences hold after it (KV it reads)
     host: dict[int, float] = {}  # step number -> seconds of host-only work the GPU waits for
     hidden: dict[int, float] = {}  # step number -> seconds of output work done while the GPU runs
     schedule, prepare = engine.scheduler.schedule, engine.runner.prepare
@@ -214,6 +220,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     def scheduled():
         steps.append([None])
         steps[-1][0] = sched = on_host(schedule)()
+        # now: a request's counts move on after its step, and a finished one's are never reset
+        contexts[len(steps)] = sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
         return sched
     engine.runner.prepare, engine._advance, engine.scheduler.schedule = on_host(prepare), on_host(advance), scheduled
     engine._process = on_host(process, hidden if engine.overlap_outputs else host)
@@ -236,7 +244,11 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
                 gaps.append(now - last[o.request_id])
             last[o.request_id] = now
     wall = time.perf_counter() - t_start
-    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    model = engine.runner.model
+    # what a decode step reads: every weight but an untied input embedding (it looks up a row a token)
+    embed = model.model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()
+                  if p is not embed or model.lm_head.weight is embed)
     kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
     decode = []
     for i, entry in enumerate(steps, start=1):
@@ -244,8 +256,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
             continue
         sched, seconds = entry
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
-            ctx = sum(s.request.num_computed_tokens + 1 for s in sched.scheduled)
-            floor = (weights + ctx * kv_token) / (gb_s * 1e9)
+            floor = (weights + contexts[i] * kv_token) / (gb_s * 1e9)
             decode.append((len(sched.scheduled), seconds, floor, host.get(i, 0.0), hidden.get(i, 0.0)))
     full = [d for d in decode if d[0] >= 0.9 * max((d[0] for d in decode), default=0)]
     out = {"requests": n_req, "prompt_tokens": p_len, "output_tokens": o_len, "shape": shape,
@@ -364,6 +375,12 @@ def main() -> int:
             failed.append(name)
             result[name] = {"error": traceback.format_exc()[-3000:]}
         result.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        # an engine's parts hold each other (and the bench's wrappers hold its methods): without a
+        # collection here the 8B engine's weights and KV cache would still fill the GPU when the
+        # 24 GB engine sizes its cache from what is free
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         with open(args.json, "w") as f:  # after every section: a timeout keeps what was done
             json.dump(result, f, indent=2, default=str)
         print(json.dumps(result[name], default=str)[:2000], file=sys.stderr, flush=True)

@@ -10,11 +10,17 @@ cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-bench/results}/gpu.json}"
 mkdir -p "$(dirname "$out")"
 python="${PYTHON:-python3}"  # the image's python3 holds its torch
+"$python" -V
 site=""
 if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/gpu/wheels/*.whl
-    site=":/tmp/site"
+    # (not fatal: the engine's sections need none of them; only the served sweep would fail)
+    if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/gpu/wheels/*.whl; then
+        site=":/tmp/site"
+    else
+        echo "run.sh: the server's wheels did not install (they are built for Python 3.12): sweep_24gb will fail" >&2
+    fi
 fi
 export VIDYA_COMMIT="${VIDYA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-PYTHONPATH="src$site" timeout 540 "$python" bench/gpu/run.py --json "$out" "${@:2}"
+# SIGINT first (Python's finally blocks stop the sweep's server and free the GPU), SIGKILL 20 s later
+PYTHONPATH="src$site" timeout -s INT -k 20 540 "$python" bench/gpu/run.py --json "$out" "${@:2}"

@@ -40,8 +40,10 @@ class AttentionMetadata:
     def for_sequences(cls, q_lens: list[int], ctx_lens: list[int], tables: list[list[int]], block_size: int,
                       device) -> "AttentionMetadata":
         """The layout of sequences given directly (sequence i computes the last q_lens[i] of its
-        ctx_lens[i] tokens, its blocks tables[i]; decodes, q_len 1, first): for the profiling
-        forward, kernel tests and benchmarks. The model runner builds the same from a step."""
+        ctx_lens[i] tokens, its blocks tables[i]; the leading run of q_len 1 are the decodes, a
+        1-token sequence after a longer one a prefill, as the profiling forward's last may be): for
+        the profiling forward, kernel tests and benchmarks. The model runner builds the same from a
+        step."""
         slots, starts, row_seq, row_ctx = [], [0], [], []
         for i, (ql, ctx, table) in enumerate(zip(q_lens, ctx_lens, tables)):
             for p in range(ctx - ql, ctx):
@@ -52,4 +54,4 @@ class AttentionMetadata:
         width = max(len(t) for t in tables)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
         return cls(t(slots), t([tb + [0] * (width - len(tb)) for tb in tables]), t(row_seq), t(row_ctx),
-                   t(list(ctx_lens)), starts, sum(1 for q in q_lens if q == 1))
+                   t(list(ctx_lens)), starts, next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens)))

@@ -35,7 +35,10 @@ WRITE_TOKENS = 16  # tokens per program of write_kv
 NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier position
 
 
-@triton.jit
+# Triton compiles a kernel anew for each specialisation of its integer arguments (1, a multiple of
+# 16, other) and pointer alignments: the step's token count and block-table width change every
+# step, so they are not specialised on (model_runner aligns the step's tensors)
+@triton.jit(do_not_specialize=["num_tokens"])
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cs, stride_ch,
@@ -52,7 +55,7 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_ptr, tile_seq_ptr, tile_q0_ptr,
                    scale, window,
                    stride_qt, stride_qh, stride_ot, stride_oh,

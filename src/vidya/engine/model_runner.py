@@ -186,15 +186,24 @@ class ModelRunner:
             seq_lens.append(1)
             tables.append([0])
         width = max(map(len, tables), default=1)
-        # one host list, one tensor, one copy to the device; the fields are views of it
-        flat = ids + positions + slots + row_seq + [p + 1 for p in positions] + seq_lens + logits_rows
+        # one host list, one tensor, one copy to the device; the fields are views of it, each
+        # starting 16-byte aligned (an even number of int64s): Triton compiles a kernel anew for
+        # each alignment of its pointer arguments, and an odd token count would flip it each step
+        t, q = len(ids), len(tables)
+        flat = []
+        for field in (ids, positions, slots, row_seq, [p + 1 for p in positions], seq_lens, logits_rows):
+            flat += field
+            flat += [0] * (len(field) & 1)
         for table in tables:
             flat += table
             flat += [0] * (width - len(table))
-        t, q = len(ids), len(tables)
         # (through array: 3-4x faster than torch.tensor on a list of ~12k ints, 0.6 ms a 256-decode step)
-        host = torch.frombuffer(array.array("q", flat), dtype=torch.long)
-        parts = host.to(self.device).split([t, t, t, t, t, q, len(logits_rows), q * width])
+        host = torch.frombuffer(array.array("q", flat), dtype=torch.long).to(self.device)
+        sizes = [t, t, t, t, t, q, len(logits_rows), q * width]
+        parts, at = [], 0
+        for size in sizes:
+            parts.append(host[at:at + size])
+            at += size + (size & 1)
         meta = AttentionMetadata(
             slot_mapping=parts[2], block_tables=parts[7].view(q, width), row_seq=parts[3], row_ctx=parts[4],
             seq_lens=parts[5], query_starts=starts, num_decodes=n + max(0, pad_to - len(out.scheduled)))

@@ -24,6 +24,26 @@ def test_bench_throughput_with_hf_baseline_writes_a_report(tiny_models, tmp_path
     assert "out tok/s" in printed and f"backend: cpu {report['platform']['isa']}" in printed
 
 
+def test_bad_flag_values_are_refused_before_anything_loads(capsys):
+    """A port out of range (uvicorn would listen on it modulo 65536), --num-prompts below 1 (-1
+    failed after loading the model; 0 silently ran the whole workload), chat's --max-tokens and
+    --temperature (refused only after the first question): each a message naming the fix."""
+    import pytest
+    for argv, words in ((["serve", "--port", "99999"], "a TCP port is 1 to 65535"),
+                        (["bench", "throughput", "--num-prompts", "-1"], "must be a whole number >= 1"),
+                        (["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "0"], ">= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    for argv, words in ((["chat", "--base-url", "http://127.0.0.1:9", "--max-tokens", "-3"], "--max-tokens must be >= 1"),
+                        (["chat", "--base-url", "http://127.0.0.1:9", "--temperature", "5"], "between 0 and 2")):
+        assert main(argv) == 2 and words in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    from vidya import __version__
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vidya {__version__}"
+
+
 def test_cli_reports_user_errors_without_a_traceback(capsys):
     rc = main(["bench", "throughput", "--model", "/no/such/dir"])
     assert rc == 2

@@ -40,6 +40,13 @@ CASES = [
     ("empty prompt list", "/v1/completions", {"prompt": []}, None, 400, None, "prompt"),
     ("token id out of range", "/v1/completions", {"prompt": [10**9]}, None, 400, None, "prompt"),
     ("detokenize out of range", "/detokenize", {"tokens": [-1]}, None, 400, None, "tokens"),
+    ("negative token id", "/v1/completions", {"prompt": [-1, 5], "max_tokens": 3}, None, 400, None, "prompt"),
+    ("token id over 64 bits", "/v1/completions", {"prompt": [2**64]}, None, 400, None, "prompt"),
+    ("negative token id in a batch", "/v1/completions", {"prompt": [[5, 6], [5, -2]]}, None, 400, None, "prompt"),
+    ("detokenize over 64 bits", "/detokenize", {"tokens": [2**64]}, None, 400, None, "tokens"),
+    ("lone surrogate", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', None, 400, None, "messages"),
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 1}', None, 400, None, "prompt"),
+    ("empty stop string", "/v1/chat/completions", {**CHAT, "stop": [""]}, None, 400, None, "stop"),
     ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, None, 400, None, "prompt"),
     # bounds at the edge, as OpenAI's (issue 14): each a 400 naming its field
     ("temperature above 2", "/v1/chat/completions", {**CHAT, "temperature": 5}, None, 400, None, "temperature"),
@@ -86,6 +93,34 @@ def test_bad_request_gets_an_openai_error(server, name, path, body, headers, sta
     if param:
         assert err["param"] == param
     assert "SECRET-INPUT" not in r.text and len(r.text) < 2000
+
+
+def test_a_field_of_several_forms_says_what_is_wrong_with_the_one_given(server):
+    """`stop` is a string or a list, `prompt` a string, a list of them or token ids: the message
+    is about the form sent (a list too long, an id out of range), not "should be a valid string"."""
+    for path, body, words in (("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+                              ("/v1/chat/completions", {**CHAT, "stop": [""]}, "at least 1 character"),
+                              ("/v1/completions", {"prompt": ["a"] * 129}, "at most 128"),
+                              ("/v1/completions", {"prompt": [5, -1]}, "greater than or equal to 0")):
+        err = httpx.post(server.url + path, json=body, timeout=60).json()["error"]
+        assert words in err["message"], (body, err)
+
+
+def test_null_means_the_default_as_openai_reads_it(server):
+    """Clients that serialise unset fields send null: for n, stream, penalties and logprobs it is
+    the default, as OpenAI and vLLM take it."""
+    nulls = dict.fromkeys(("n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "temperature",
+                           "top_p", "seed", "stop", "min_tokens", "ignore_eos", "skip_special_tokens"))
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={**CHAT, **nulls})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 1 and "logprobs" not in r.json()["choices"][0] or \
+            r.json()["choices"][0]["logprobs"] is None
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "n": None, "echo": None, "stream": None})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+        # a 400 on a kept-alive connection leaves the connection serving
+        assert http.post("/v1/completions", json={"prompt": [-1]}).status_code == 400
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
 def test_context_length_error_has_the_numbers(client):

@@ -185,8 +185,17 @@ def test_prompt_endpoints(server):
     assert cfg["classes"] == [str(c) for c in range(6, 13)] and cfg["model"] == "smollm2"
     r = httpx.get(server.url + "/tutor/system-prompt", params={"subject": "maths", "klass": "10"})
     assert r.status_code == 200 and "गणित" in r.json()["prompt"] and "कक्षा 10" in r.json()["prompt"]
+    r_10 = r.json()
     r = httpx.get(server.url + "/tutor/system-prompt", params={"subject": "astrology", "klass": "10"})
     assert r.status_code == 400 and "unknown subject" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "subject"
+    # `class`, as the CLI's --class, is the same parameter; a class that does not exist names it
+    by_class = httpx.get(server.url + "/tutor/system-prompt", params={"subject": "maths", "class": "7"}).json()
+    assert "कक्षा 7" in by_class["prompt"] and by_class != r_10
+    for params in ({"subject": "maths", "class": "99"}, {"subject": "maths", "klass": "abc"},
+                   {"subject": "maths", "class": "7", "klass": "8"}):
+        r = httpx.get(server.url + "/tutor/system-prompt", params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "class", (params, r.text)
     assert httpx.get(server.url + "/favicon.ico").status_code == 200
 
 

@@ -46,3 +46,16 @@ def test_prefix_waves_compute_each_shared_block_once():
     # the shared blocks first, once; then prompts whose uncached parts differ, together
     assert waves == [[a1, lone], [a2, b1], [b2]]
     assert prefix_waves([], 16) == []
+
+
+def test_a_system_prompt_longer_than_the_context_is_left_out_of_the_warm_up(tiny_models):
+    """`vidya serve --max-model-len 512` on a model whose tutor prompts are longer (SmolLM2's are
+    ~1,300 tokens) must still start: the warm-up computes the prompts that fit and leaves out the
+    rest, rather than failing the load with a context-length error."""
+    from conftest import make_engine
+    engine = make_engine(tiny_models["llama"][0], max_model_len=64)
+    fits, too_long = list(range(3, 3 + 40)), list(range(3, 3 + 64))  # 64 + 1 new token > 64
+    assert engine.warm_prefix_cache([too_long, fits]) == 40  # ten blocks of 4
+    assert engine.warm_prefix_cache([too_long]) == 0
+    assert not engine.has_unfinished_requests()
+    engine.check()

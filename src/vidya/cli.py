@@ -64,10 +64,20 @@ def origins(value: str) -> list[str]:
     return [value]
 
 
+def port_number(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {value!r}")
+    return port
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the --model value)")
     p.add_argument("--api-key", nargs="+", default=None,
@@ -75,7 +85,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=512,
                    help="answer 429 when this many requests wait for the engine (0: no limit)")
     p.add_argument("--max-tokens-default", type=int, default=None,
-                   help="max_tokens for requests that give none (default: up to the context window)")
+                   help="max_tokens for chat requests that give none and completions that send null "
+                        "(default: up to the context window); a completion without max_tokens gets OpenAI's 16")
     p.add_argument("--max-sequences-per-request", type=int, default=128,
                    help="most sequences one request may start, n times its prompts (default 128, OpenAI's n limit)")
     p.add_argument("--max-logprob-entries", type=int, default=1 << 18,
@@ -97,6 +108,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidya", description="vidya: LLM serving engine and Hindi study tutor")
+    from vidya import __version__
+    parser.add_argument("--version", action="version", version=f"vidya {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_args(sub.add_parser("serve", help="serve the OpenAI-compatible API (and the tutor page)"))
     chat = sub.add_parser("chat", help="talk to the tutor in the terminal (a running server, or the offline engine)")
@@ -109,12 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="You are a helpful Hindi study tutor. Answer in the student's language.")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
+    from vidya.bench.workload import num_prompts_arg
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
     tp = bsub.add_parser("throughput", help="offline throughput on a fixed workload")
     add_engine_args(tp)
     tp.add_argument("--workload", default=None, help="workload JSON (default: the packaged tutor-64.json)")
-    tp.add_argument("--num-prompts", type=int, default=None)
+    tp.add_argument("--num-prompts", type=num_prompts_arg, default=None,
+                    help="requests to run (default: the workload's; repeated to reach more)")
     tp.add_argument("--baseline", choices=["none", "hf"], default="none")
     tp.add_argument("--baseline-requests", type=int, default=8,
                     help="requests the transformers baseline runs (one at a time; default 8)")
@@ -132,7 +147,7 @@ def run_serve(args) -> int:
     from vidya.server.app import ServerSettings
     from vidya.server.launcher import serve
     keys = args.api_key or ([os.environ["VIDYA_API_KEY"]] if os.environ.get("VIDYA_API_KEY") else [])
-    for name in ("max_waiting", "max_tokens_default", "port", "timeout_keep_alive"):
+    for name in ("max_waiting", "max_tokens_default", "timeout_keep_alive"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -153,6 +168,11 @@ def run_serve(args) -> int:
 
 
 def run_chat(args) -> int:
+    # (checked before the first question, not relayed from the server after it)
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not 0 <= args.temperature <= 2:
+        raise ValueError(f"--temperature must be between 0 and 2, got {args.temperature}")
     if args.base_url:
         from vidya.tutor import terminal
         return terminal.run(args.base_url, args.api_key or os.environ.get("VIDYA_API_KEY"), args.subject,

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import httpx
 
-from vidya.bench.workload import Workload, load_workload
+from vidya.bench.workload import Workload, load_workload, num_prompts_arg
 
 DEFAULT_CONCURRENCY = 64
 
@@ -36,7 +36,7 @@ class RequestResult:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", required=True, help="the server: its root (http://127.0.0.1:8000) or its /v1 URL")
     p.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=None,
@@ -45,7 +45,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                       help="Poisson arrivals at this many requests/s, no cap on requests in flight")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival times (default 0)")
     p.add_argument("--workload", default=None, help="workload JSON (default: the packaged tutor-64.json)")
-    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--num-prompts", type=num_prompts_arg, default=None,
+                   help="requests to send (default: the workload's; repeated to reach more)")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")

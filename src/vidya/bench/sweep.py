@@ -30,7 +30,7 @@ DEFAULT_LENGTH_SPREAD = 0.5
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", required=True, help="the server: its root (http://127.0.0.1:8000) or its /v1 URL")
     p.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
     p.add_argument("--workload", default=None, help="workload JSON (default: the packaged tutor-64.json)")
     p.add_argument("--levels", default=DEFAULT_LEVELS, help=f"concurrency levels, comma-separated (default {DEFAULT_LEVELS})")

@@ -340,7 +340,9 @@ class LLMEngine:
         """Compute these prompts' KV into the prefix cache now (e.g. the tutor's system prompts at
         start-up), so the first request that begins with one reuses its blocks. The blocks stay
         evictable like any cached block. Counters and histograms start from zero afterwards: this
-        is not traffic. Returns the number of prompt tokens now cached in full blocks."""
+        is not traffic. A prompt that could not run here (over max_model_len or the whole cache) is
+        left out. Returns the number of prompt tokens now cached in full blocks."""
+        prompts = [p for p in prompts if self._fits(len(p), 1)]
         if not self.kv.enable_caching or not prompts:
             return 0
         params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -352,6 +354,13 @@ class LLMEngine:
         self.kv.prefix_queries = self.kv.prefix_hits = 0
         bs = self.kv.block_size
         return sum(len(p) // bs * bs for p in prompts)
+
+    def _fits(self, num_prompt_tokens: int, max_tokens: int) -> bool:
+        try:
+            self.scheduler.check_fits(num_prompt_tokens, max_tokens)
+        except ValueError:
+            return False
+        return True
 
     def check(self) -> None:
         """Assert every invariant of the scheduler and the block pool."""

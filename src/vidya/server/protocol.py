@@ -2,10 +2,13 @@
 `SamplingParams`. A field we do not implement is a 400 that names it, never silently ignored."""
 from __future__ import annotations
 
+import functools
 import json
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from vidya.sampling_params import SamplingParams
 from vidya.server.errors import APIError, bad_request
@@ -41,8 +44,35 @@ Int = Annotated[int, Field(ge=0, le=MAX_TOKEN_INT)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+def _admits_none(annotation) -> bool:
+    if annotation is type(None) or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    return origin in (typing.Union, types.UnionType) and any(_admits_none(a) for a in typing.get_args(annotation))
+
+
+@functools.cache
+def _null_means_default(model: type) -> frozenset[str]:
+    """The fields of `model` that have a default but no null value of their own."""
+    return frozenset(name for name, f in model.model_fields.items()
+                     if not f.is_required() and not _admits_none(f.annotation))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """null for an optional field means its default, as OpenAI and vLLM read it (clients that
+        serialise unset fields send `"n": null`, `"stream": null`, ...)."""
+        if isinstance(data, dict):
+            fields = _null_means_default(cls)
+            if any(v is None and k in fields for k, v in data.items()):
+                data = {k: v for k, v in data.items() if v is not None or k not in fields}
+        return data
 
 
 class StreamOptions(Strict):
@@ -165,8 +195,8 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int]
-             | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)])
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[Int]
+             | Annotated[list[list[Int]], Field(max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKEN_INT)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -220,10 +250,17 @@ def parse(model: type[Strict], raw: bytes):
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise bad_request("the request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                          "without its pair): that is not Unicode text", param=where)
     try:
         req = model.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_input=False, include_url=False)[0]
+        errors = e.errors(include_input=False, include_url=False)
+        # a field of several forms (a string or a list, ...) fails once per form: the error that is
+        # not a wrong form is the one that says what to fix (a list too long, a number out of range)
+        err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
         param = _param(err["loc"])
         if err["type"] == "extra_forbidden":
             raise bad_request(f"unknown or unsupported field '{param}'", param=param,
@@ -231,6 +268,27 @@ def parse(model: type[Strict], raw: bytes):
         raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
     req.check_supported()
     return req
+
+
+def _lone_surrogate(data) -> str | None:
+    """The top-level field under which a string (or key) of the parsed body cannot be encoded
+    as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates), or None."""
+    for field, value in data.items():
+        stack = [field, value]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                if not x.isascii():
+                    try:
+                        x.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return field.encode("utf-8", "backslashreplace").decode()  # (a key may be the culprit)
+            elif isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
+    return None
 
 
 def require_json(content_type: str | None) -> None:

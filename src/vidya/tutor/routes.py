@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -52,8 +52,14 @@ def add_tutor_routes(app: FastAPI, model_name: str, engine=lambda: None) -> None
                 "demo": demo_notice(e.num_parameters) if e is not None else None}
 
     @app.get("/tutor/system-prompt")
-    async def tutor_system_prompt(subject: str = "science", klass: str = "8"):
+    async def tutor_system_prompt(subject: str = "science", klass: str | None = None,
+                                  class_: str | None = Query(None, alias="class")):
+        # the class as `class` (the CLI's --class) or `klass` (the page's name; `class` is a
+        # keyword in its JavaScript and Python), never two different ones
+        if klass is not None and class_ is not None and klass != class_:
+            raise bad_request(f"class {class_!r} and klass {klass!r} differ; give one", param="class")
         try:
-            return {"prompt": prompts.system_prompt(subject, klass)}
+            subject_prompt = prompts.system_prompt(subject, class_ or klass or "8")
         except ValueError as e:
-            raise bad_request(str(e), param="subject") from None
+            raise bad_request(str(e), param="subject" if "subject" in str(e) else "class") from None
+        return {"prompt": subject_prompt}

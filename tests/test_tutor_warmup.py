@@ -55,7 +55,7 @@ def test_a_system_prompt_longer_than_the_context_is_left_out_of_the_warm_up(tiny
     from conftest import make_engine
     engine = make_engine(tiny_models["llama"][0], max_model_len=64)
     fits, too_long = list(range(3, 3 + 40)), list(range(3, 3 + 64))  # 64 + 1 new token > 64
-    assert engine.warm_prefix_cache([too_long, fits]) == 40  # ten blocks of 4
-    assert engine.warm_prefix_cache([too_long]) == 0
+    assert engine.warm_prefix_cache([too_long, fits]) == (40, 1)  # ten blocks of 4; one left out
+    assert engine.warm_prefix_cache([too_long]) == (0, 1)
     assert not engine.has_unfinished_requests()
     engine.check()

@@ -336,15 +336,17 @@ class LLMEngine:
                 self.stats.record_finished(state, now)
         return outputs
 
-    def warm_prefix_cache(self, prompts: list[list[int]]) -> int:
+    def warm_prefix_cache(self, prompts: list[list[int]]) -> tuple[int, int]:
         """Compute these prompts' KV into the prefix cache now (e.g. the tutor's system prompts at
         start-up), so the first request that begins with one reuses its blocks. The blocks stay
         evictable like any cached block. Counters and histograms start from zero afterwards: this
         is not traffic. A prompt that could not run here (over max_model_len or the whole cache) is
-        left out. Returns the number of prompt tokens now cached in full blocks."""
-        prompts = [p for p in prompts if self._fits(len(p), 1)]
+        left out. Returns the number of prompt tokens now cached in full blocks and the number of
+        prompts left out."""
+        fit = [p for p in prompts if self._fits(len(p), 1)]
+        left_out, prompts = len(prompts) - len(fit), fit
         if not self.kv.enable_caching or not prompts:
-            return 0
+            return 0, left_out
         params = SamplingParams(temperature=0.0, max_tokens=1)
         for wave in prefix_waves(prompts, self.kv.block_size):
             ids = {self.add_request(None, p, params) for p in wave}
@@ -353,7 +355,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.kv.prefix_queries = self.kv.prefix_hits = 0
         bs = self.kv.block_size
-        return sum(len(p) // bs * bs for p in prompts)
+        return sum(len(p) // bs * bs for p in prompts), left_out
 
     def _fits(self, num_prompt_tokens: int, max_tokens: int) -> bool:
         try:

@@ -83,12 +83,11 @@ def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, 
         if settings.warm_tutor_prompts:
             t0 = time.perf_counter()
             prefixes = system_prefixes(engine)
-            cached = engine.warm_prefix_cache(prefixes)
-            # (a prompt longer than --max-model-len is left out: a tutor conversation could not start with it)
-            left_out = sum(len(p) >= engine.max_model_len for p in prefixes)
+            # (a prompt that cannot run, longer than --max-model-len, is left out: no tutor conversation starts with it)
+            cached, left_out = engine.warm_prefix_cache(prefixes)
             print(f"vidya: tutor system prompts in the prefix cache ({cached} tokens, "
-                  f"{time.perf_counter() - t0:.1f} s" + (f"; {left_out} of {len(prefixes)} left out, longer than "
-                  f"--max-model-len {engine.max_model_len}" if left_out else "") + ")", file=sys.stderr, flush=True)
+                  f"{time.perf_counter() - t0:.1f} s" + (f"; {left_out} of {len(prefixes)} left out, too long "
+                  f"for --max-model-len {engine.max_model_len}" if left_out else "") + ")", file=sys.stderr, flush=True)
         llm = AsyncLLM(engine=engine)
         state.llm = llm
         state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default,

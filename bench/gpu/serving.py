@@ -33,7 +33,10 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
-             steady: bool = False) -> dict:
+             steady: bool = False, deadline_s: float = 150.0) -> dict:
+    """The 8B shape serving n_req requests offline (figures in the module's docstring). Past
+    deadline_s seconds of serving the rest are left unfinished and `truncated` is set, so that a
+    slow engine leaves the run time for the sections after it."""
     from transformers import LlamaConfig
 
     from vidya.config import EngineArgs
@@ -86,15 +89,21 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     gaps: list[float] = []
+    produced: dict[str, int] = {}  # request -> output tokens so far
     for _ in range(n_req):
         engine.add_request(None, [rng.randrange(3, shape["vocab_size"]) for _ in range(p_len)], params)
+    truncated = False
     while engine.has_unfinished_requests():
+        if time.perf_counter() - t_start > deadline_s:
+            truncated = True
+            break
         s0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
         steps[-1].append(now - s0)
         for o in outs:
             n = len(o.outputs[0].token_ids)
+            produced[o.request_id] = n
             if o.request_id not in first and n:
                 first[o.request_id] = now - t_start
             elif o.request_id in last:
@@ -119,7 +128,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     out = {"requests": n_req, "prompt_tokens": p_len, "output_tokens": o_len, "shape": shape,
            "gpu_memory_utilization": util, "startup_s": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
            "cuda_graphs": engine.runner.graphs is not None, "overlap_outputs": engine.overlap_outputs, "backend": engine.platform.describe(),
-           "wall_s": wall, "output_tok_s": n_req * o_len / wall, "preemptions": engine.scheduler.num_preemptions,
+           "wall_s": wall, "truncated": truncated,
+           "output_tok_s": sum(produced.values()) / wall, "preemptions": engine.scheduler.num_preemptions,
            "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),
            "weights_gib": weights / GiB, "decode_steps": len(decode),
            "profiled_activation_bytes": engine.profiled_activation_bytes}
@@ -140,7 +150,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     return out
 
 
-def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req: int) -> dict:
+def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req: int,
+                 deadline_s: float = 90.0) -> dict:
     """Serving's steady state on the same engine: more requests than max_num_seqs, answer lengths
     spread, so as one finishes a waiting one joins and most steps carry a prompt beside the
     decodes (a decode-only step replays a CUDA graph; a mixed one runs eagerly). The step time of
@@ -150,8 +161,11 @@ def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req:
     for _ in range(n_req):
         params = SamplingParams(temperature=0.0, max_tokens=rng.randint(max(1, o_len // 8), o_len), ignore_eos=True)
         engine.add_request(None, [rng.randrange(3, vocab) for _ in range(p_len)], params)
-    first, tokens, t0 = len(steps), 0, time.perf_counter()
+    first, tokens, t0, truncated = len(steps), 0, time.perf_counter(), False
     while engine.has_unfinished_requests():
+        if time.perf_counter() - t0 > deadline_s:  # (as serve_8b's)
+            truncated = True
+            break
         s0 = time.perf_counter()
         tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
         steps[-1].append(time.perf_counter() - s0)
@@ -167,7 +181,7 @@ def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req:
     full = [k for k in kinds if k[0] >= 0.8 * top]
     mixed, pure = [k for k in full if k[1]], [k for k in full if not k[1]]
     median_ms = lambda xs: 1e3 * statistics.median(xs) if xs else None
-    return {"requests": n_req, "output_tok_s": tokens / wall, "steps": len(kinds), "near_full_batch": top,
+    return {"requests": n_req, "truncated": truncated, "output_tok_s": tokens / wall, "steps": len(kinds), "near_full_batch": top,
             "near_full_steps": len(full), "mixed_fraction": len(mixed) / len(full) if full else None,
             "mixed_step_ms": median_ms([k[2] for k in mixed]), "decode_only_step_ms": median_ms([k[2] for k in pure]),
             "mixed_prompt_tokens": statistics.median(k[1] for k in mixed) if mixed else None}

@@ -16,6 +16,8 @@ if compgen -G "bench/gpu/wheels/*.whl" >/dev/null; then
     # (not fatal: the engine's sections need none of them; only the served sweep would fail)
     if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site bench/gpu/wheels/*.whl; then
         site=":/tmp/site"
+        # the server's imports, checked here: the sweep would report a failure only after the rest
+        PYTHONPATH="src$site" "$python" -c "import vidya.server.app" || echo "run.sh: vidya.server.app does not import: sweep_24gb will fail" >&2
     else
         echo "run.sh: the server's wheels did not install (they are built for Python 3.12): sweep_24gb will fail" >&2
     fi

@@ -68,7 +68,7 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer):
 
 
 def make_engine(model_dir: str, **kwargs):
-    """An engine on a model directory; backend "triton" means the torch ops with Triton attention."""
+    """An engine on a model directory; backend "triton" means the Triton ops (attention and the rest)."""
     from vidya.config import EngineArgs
     from vidya.engine.llm_engine import LLMEngine
     args = dict(model=model_dir, dtype="float32", block_size=4, show_progress=False, max_model_len=512)

@@ -65,9 +65,9 @@ def attention(device: torch.device, dtype: torch.dtype, batch: int, context: int
     k_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)
     v_cache = torch.randn(nb, bs, kvh, d, device=device).to(dtype)
     q = torch.randn(batch, h, d, device=device).to(dtype)
-    launch = tp.attend_launch(h, kvh, d, bs, dtype)
-    starts, parts = tp.tile_maps(meta, launch.block_q_decode, launch.block_q_prefill, device)
-    (block_q, tile_seq, tile_q0), = parts
+    launch = tp.attend_launch(h, kvh, d, bs, dtype, tp.device_arch(device))
+    starts, parts = tp.tile_maps(meta, launch, device)
+    (tile, tile_seq, tile_q0), = parts
     want = tp.attend(q, k_cache, v_cache, meta, d ** -0.5)
     kv_bytes = 2 * tokens * kvh * d * k_cache.element_size()
     variants = [(32, 4, None)] if smoke else [
@@ -75,7 +75,7 @@ def attention(device: torch.device, dtype: torch.dtype, batch: int, context: int
     out = []
     for block_n, warps, stages in variants:
         o = torch.empty_like(q)
-        consts = {**launch.constants, "BLOCK_N": block_n, "BLOCK_Q": block_q}
+        consts = {**dict(launch.constants), "BLOCK_N": block_n, "BLOCK_Q": tile.block_q}
         extra = {} if stages is None else {"num_stages": stages}
 
         def run():
@@ -85,7 +85,7 @@ def attention(device: torch.device, dtype: torch.dtype, batch: int, context: int
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
                 num_warps=warps, **extra, **consts)
         row = {"block_n": block_n, "num_warps": warps, "num_stages": stages,
-               "default": (block_n, warps, stages) == (launch.constants["BLOCK_N"], launch.num_warps(block_q), None)}
+               "default": (block_n, warps, stages) == (tile.block_n, tile.num_warps, tile.num_stages)}
         try:
             ms = cuda_ms(run, device, 3 if smoke else 50)
             err = (o.float() - want.float()).abs().max().item()

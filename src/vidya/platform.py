@@ -9,11 +9,11 @@ start-up line, `GET /version` and every `vidya bench` result.
     avx512_bf16    C++ (oneDNN)       bf16         bf16     bf16
     avx512, avx2   C++ (16-bit store) fp32         bf16     bf16    bf16 -> fp32 is a shift, in registers
     generic        torch reference    fp32         fp32     fp32    (no AVX2, or not x86)
-    cuda           torch              bf16/fp16                     attention in Triton
+    cuda           torch + Triton     bf16/fp16                     matmuls in torch, the rest in Triton
 
 The attention backend: "cpu" (inside the C++ kernels), "torch" (the reference in
 attention/paged.py) or "triton" (attention/triton_paged.py: on CUDA, or on CPU only under
-TRITON_INTERPRET=1, for the tests; it runs beside the torch ops).
+TRITON_INTERPRET=1, for the tests; it brings vidya's other Triton kernels with it: ops/triton_ops.py).
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class Platform:
     def describe(self) -> str:
         name = lambda t: str(t).removeprefix("torch.")
         kernels = {"cpu": "C++ kernels", "torch": "torch reference ops", "cuda": "torch on CUDA"}[self.backend]
+        if self.attention == "triton":  # (ops/__init__.py: the Triton kernels come together)
+            kernels = "torch matmuls + Triton kernels" if self.device.type == "cuda" else "torch matmuls + Triton kernels (interpreted)"
         s = (f"{self.device.type} {self.isa}, {kernels}, {self.attention} attention: {name(self.dtype)} math, "
              f"{name(self.weight_dtype)} weights, {name(self.kv_dtype)} KV cache")
         return s + (f" ({self.note})" if self.note else "")

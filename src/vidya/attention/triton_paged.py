@@ -30,7 +30,7 @@ import triton.language as tl
 from vidya.attention.metadata import AttentionMetadata
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program of a prefill chunk (32 at head_dim 256)
-BLOCK_N = 32  # keys per inner iteration
+BLOCK_N = 32  # keys per inner iteration (decode tiles: see attend_launch)
 WRITE_TOKENS = 16  # tokens per program of write_kv
 NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier position
 
@@ -136,54 +136,86 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         num_warps=num_warps, **constants)
 
 
-def tile_maps(meta: AttentionMetadata, block_q_decode: int, block_q_prefill: int, device: torch.device):
-    """(query_starts, [(block_q, tile_seq, tile_q0) for the decode rows, then the prefill chunks]),
-    as device tensors; a part with no tiles is left out."""
+def tile_maps(meta: AttentionMetadata, launch: "AttendLaunch", device: torch.device):
+    """(query_starts, [(tile, tile_seq, tile_q0) for the decode rows, then the prefill chunks]),
+    as device tensors, `tile` the part's Tile; a part with no tiles is left out."""
     if meta.static_tiles is not None:  # a captured decode step: one tile per sequence
         starts_t, tile_seq, tile_q0 = meta.static_tiles
-        return starts_t, [(block_q_decode, tile_seq, tile_q0)]
-    key = ("triton_tiles", block_q_decode, block_q_prefill)
+        return starts_t, [(launch.decode, tile_seq, tile_q0)]
+    key = ("triton_tiles", launch)
     if key in meta.derived:
         return meta.derived[key]
     starts = meta.query_starts
     as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     parts = []
-    for block_q, seqs in ((block_q_decode, range(meta.num_decodes)),
-                          (block_q_prefill, range(meta.num_decodes, len(starts) - 1))):
+    for tile, seqs in ((launch.decode, range(meta.num_decodes)), (launch.prefill, range(meta.num_decodes, len(starts) - 1))):
         tile_seq, tile_q0 = [], []
         for i in seqs:
-            for q0 in range(0, starts[i + 1] - starts[i], block_q):
+            for q0 in range(0, starts[i + 1] - starts[i], tile.block_q):
                 tile_seq.append(i)
                 tile_q0.append(q0)
         if tile_seq:
-            parts.append((block_q, as_t(tile_seq), as_t(tile_q0)))
+            parts.append((tile, as_t(tile_seq), as_t(tile_q0)))
     meta.derived[key] = (as_t(starts), parts)
     return meta.derived[key]
 
 
 @dataclass(frozen=True, slots=True)
-class AttendLaunch:
-    """The attention kernel's compile-time constants and tile heights for one model shape."""
-    constants: dict  # all but BLOCK_Q (shared by every call: read, never written)
-    block_q_decode: int  # a decode sequence has one query row: its tile is the group's heads (>= 16 rows for tl.dot)
-    block_q_prefill: int
+class Tile:
+    """One kind of program's launch: query rows (positions) and keys per iteration, warps, and
+    pipeline stages of the key loop (None: Triton's default)."""
+    block_q: int
+    block_n: int
+    num_warps: int
+    num_stages: int | None = None
 
-    def num_warps(self, block_q: int) -> int:
-        """8 warps for tiles of 4,096 elements or more (16 x 256, 64 x 128), else 4: with 4,
-        Triton's compiler spilled registers on sm_80, sm_86 and sm_90 (bench/gpu/compile.py)."""
-        return 8 if block_q * self.constants["G_PAD"] * self.constants["D_PAD"] >= 4096 else 4
+    def kwargs(self) -> dict:
+        out = {"BLOCK_Q": self.block_q, "BLOCK_N": self.block_n, "num_warps": self.num_warps}
+        return out if self.num_stages is None else {**out, "num_stages": self.num_stages}
+
+
+@dataclass(frozen=True, slots=True)
+class AttendLaunch:
+    """The attention kernel's compile-time constants and its two kinds of tile for one model shape."""
+    constants: tuple  # (name, value) pairs shared by every call (hashable: the tile maps are cached by launch)
+    decode: Tile  # a decode sequence has one query row: its tile is the group's heads (>= 16 rows for tl.dot)
+    prefill: Tile
+
+
+def _warps(rows: int, d_pad: int) -> int:
+    """8 warps for tiles of 4,096 elements or more (16 x 256, 64 x 128), else 4: with 4, Triton's
+    compiler spilled registers on sm_80, sm_86 and sm_90 (bench/gpu/compile.py)."""
+    return 8 if rows * d_pad >= 4096 else 4
+
+
+@functools.cache
+def device_arch(device: torch.device) -> int:
+    """The GPU's compute capability as 86, 90, ...; 0 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 @functools.cache  # once per model shape, not per layer and step
-def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> AttendLaunch:
-    """Prefill tiles of BLOCK_M rows (32 at head_dim 256, where 64 spilled even with 8 warps)."""
+def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                  arch: int = 0) -> AttendLaunch:
+    """Prefill tiles of BLOCK_M rows (32 at head_dim 256, where 64 spilled even with 8 warps).
+    On Hopper (arch 90) decode tiles walk 64 keys an iteration, two stages deep, where the head is
+    at most 128 wide: at Llama-3-8B's shape (256 decodes, ~640 tokens of context) that read the KV
+    cache at 85% of the H200's copy bandwidth against 77% with 32 keys (bench/gpu/profile_decode.py),
+    though ptxas reports ~100 bytes spilled. Elsewhere, unmeasured, the 32-key tile that spills none."""
     group = num_heads // num_kv_heads
     g_pad = _pow2(group)
     d_pad = _pow2(head_dim, 16)
-    constants = dict(G=group, G_PAD=g_pad, BLOCK_N=BLOCK_N, BS=block_size, D=head_dim, D_PAD=d_pad,
-                     IEEE=dtype == torch.float32)
-    rows = BLOCK_M // 2 if d_pad >= 256 else BLOCK_M
-    return AttendLaunch(constants, max(1, 16 // g_pad), max(1, rows // g_pad))
+    constants = (("G", group), ("G_PAD", g_pad), ("BS", block_size), ("D", head_dim), ("D_PAD", d_pad),
+                 ("IEEE", dtype == torch.float32))
+    q_decode = max(1, 16 // g_pad)
+    q_prefill = max(1, (BLOCK_M // 2 if d_pad >= 256 else BLOCK_M) // g_pad)
+    wide = d_pad <= 128 and arch == 90
+    decode = Tile(q_decode, 64 if wide else BLOCK_N, _warps(q_decode * g_pad, d_pad), 2 if wide else None)
+    prefill = Tile(q_prefill, BLOCK_N, _warps(q_prefill * g_pad, d_pad))
+    return AttendLaunch(constants, decode, prefill)
 
 
 @functools.cache
@@ -203,16 +235,16 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
     if t == 0:
         return out
     kvh = k_cache.shape[2]
-    launch = attend_launch(h, kvh, d, k_cache.shape[1], q.dtype)
-    starts, parts = tile_maps(meta, launch.block_q_decode, launch.block_q_prefill, q.device)
+    launch = attend_launch(h, kvh, d, k_cache.shape[1], q.dtype, device_arch(q.device))
+    starts, parts = tile_maps(meta, launch, q.device)
     bt = meta.block_tables
-    for block_q, tile_seq, tile_q0 in parts:
+    for tile, tile_seq, tile_q0 in parts:
         _attend_kernel[(tile_seq.shape[0], kvh)](
             out, q, k_cache, v_cache, bt, meta.seq_lens, starts, tile_seq, tile_q0,
             float(scale), int(window or NO_WINDOW),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-            BLOCK_Q=block_q, num_warps=launch.num_warps(block_q), **launch.constants)
+            **tile.kwargs(), **dict(launch.constants))
     return out
 
 

@@ -14,8 +14,9 @@ A model's forward (vidya/models/llama.py, gemma3.py) calls only these, so it exi
     decoder_stack every layer of a step at once, where a backend builds one from the same layers
 
 `TorchOps` (ops/torch_ops.py) is the reference and runs anywhere; `CpuOps` and its ISA variants
-(ops/cpu.py) run vidya's C++ kernels; a GPU backend is a third implementation. `make_ops` is
-called once, with the platform vidya/platform.py decided.
+(ops/cpu.py) run vidya's C++ kernels; `TritonOps` (ops/triton_ops.py) runs vidya's Triton kernels
+beside torch's matmuls, the GPU's backend (the "triton" attention backend brings it). `make_ops`
+is called once, with the platform vidya/platform.py decided.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def make_ops(platform) -> TorchOps:
     if platform.backend == "cpu":
         from vidya.ops.cpu import cpu_ops
         return cpu_ops(platform)
+    if platform.attention == "triton":  # its kernels come together: attention, norms, RoPE, activation
+        from vidya.ops.triton_ops import TritonOps
+        return TritonOps(platform)
     return TorchOps(platform)
 
 

@@ -169,6 +169,20 @@ def test_the_cpu_overlay_scales_where_the_plan_says():
     assert hpa["spec"]["maxReplicas"] == plan["replicas"]
 
 
+def test_the_gpu_overlay_scales_where_the_plan_says():
+    """The gpu-a10 overlay's HPA target is `vidya plan`'s on the stored GPU sweep its comment
+    names (an H200 held to 24 GB; the TTFT target scaled to that GPU's speed)."""
+    import json
+    sweep = os.path.join(os.path.dirname(DEPLOY), "bench", "results", "gpu-sweep-24gb-h200.json")
+    vidya = os.path.join(os.path.dirname(sys.executable), "vidya")
+    out = subprocess.run([vidya, "plan", "--sweep", sweep, "--p99-ttft", "0.2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    hpa = of_kind(render("overlays/gpu-a10"), "HorizontalPodAutoscaler")
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == str(plan["hpa_target_running_per_pod"]) == "64"
+
+
 def test_the_70b_overlay_splits_the_model_across_the_pods_four_gpus():
     """gpu-a100x4: --tensor-parallel-size equals the GPUs the pod asks for, and NCCL gets a
     memory-backed /dev/shm larger than the container default."""

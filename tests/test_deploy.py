@@ -154,16 +154,20 @@ def test_compose_wires_vidya_prometheus_and_grafana():
         assert os.path.exists(os.path.join(DEPLOY, volume.split(":")[0]))
 
 
+def plan_on(sweep_file: str, *flags: str) -> dict:
+    """`vidya plan --json` on a sweep stored in bench/results, through the CLI."""
+    import json
+    sweep = os.path.join(os.path.dirname(DEPLOY), "bench", "results", sweep_file)
+    vidya = os.path.join(os.path.dirname(sys.executable), "vidya")
+    out = subprocess.run([vidya, "plan", "--sweep", sweep, *flags, "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_the_cpu_overlay_scales_where_the_plan_says():
     """The CPU overlay's HPA target and pod ceiling are `vidya plan`'s on the stored sweep its
     comment names: re-run the sweep or change the plan, and this says the overlay is stale."""
-    import json
-    sweep = os.path.join(os.path.dirname(DEPLOY), "bench", "results", "sweep-epyc-avx2-smollm2.json")
-    vidya = os.path.join(os.path.dirname(sys.executable), "vidya")
-    out = subprocess.run([vidya, "plan", "--sweep", sweep, "--replica-cost-per-month", "3000", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    plan = json.loads(out.stdout)
+    plan = plan_on("sweep-epyc-avx2-smollm2.json", "--replica-cost-per-month", "3000")
     hpa = of_kind(render("overlays/cpu"), "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == str(plan["hpa_target_running_per_pod"])
     assert hpa["spec"]["maxReplicas"] == plan["replicas"]
@@ -172,13 +176,7 @@ def test_the_cpu_overlay_scales_where_the_plan_says():
 def test_the_gpu_overlay_scales_where_the_plan_says():
     """The gpu-a10 overlay's HPA target is `vidya plan`'s on the stored GPU sweep its comment
     names (an H200 held to 24 GB; the TTFT target scaled to that GPU's speed)."""
-    import json
-    sweep = os.path.join(os.path.dirname(DEPLOY), "bench", "results", "gpu-sweep-24gb-h200.json")
-    vidya = os.path.join(os.path.dirname(sys.executable), "vidya")
-    out = subprocess.run([vidya, "plan", "--sweep", sweep, "--p99-ttft", "0.2", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    plan = json.loads(out.stdout)
+    plan = plan_on("gpu-sweep-24gb-h200.json", "--p99-ttft", "0.2")
     hpa = of_kind(render("overlays/gpu-a10"), "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == str(plan["hpa_target_running_per_pod"]) == "64"
 

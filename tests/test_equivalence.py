@@ -135,12 +135,14 @@ class EagerGraph:
         self.replays += 1
 
 
-@pytest.mark.parametrize("arch", ("llama", "gemma3"))
-def test_decode_steps_replayed_from_graph_buckets_change_no_token(arch, tiny_models, references, monkeypatch):
+@pytest.mark.parametrize("arch,async_scheduling", [("llama", False), ("gemma3", False), ("llama", True)])
+def test_decode_steps_replayed_from_graph_buckets_change_no_token(arch, async_scheduling, tiny_models, references,
+                                                                  monkeypatch):
     """The CUDA-graph path (vidya/engine/cuda_graphs.py) on CPU: every decode step padded to its
     bucket (5 sequences -> 8, 3 -> 4, ...) with rows that write no KV, its inputs
     copied into the static buffers and the bucket's captured forward replayed from them (an eager
-    stand-in for the graph, Triton attention interpreted); tokens must not change."""
+    stand-in for the graph, Triton attention interpreted); tokens must not change. With async
+    scheduling, as on a GPU, the steps are planned ahead, their input tokens put on the device."""
     from vidya.engine.cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
     assert decode_buckets(256)[:5] == [1, 2, 4, 8, 16] and decode_buckets(256)[-1] == 256
     assert (bucket_for(5, [1, 2, 4, 8]), bucket_for(9, [1, 2, 4, 8])) == (8, 0)
@@ -148,7 +150,7 @@ def test_decode_steps_replayed_from_graph_buckets_change_no_token(arch, tiny_mod
         out = run()
         return EagerGraph(run, out), out
     monkeypatch.setattr(DecodeGraphs, "capture", eager_capture)
-    engine = make_engine(tiny_models[arch][0], backend="triton")
+    engine = make_engine(tiny_models[arch][0], backend="triton", async_scheduling=async_scheduling)
     runner = engine.runner
     runner.capture_decode_graphs(decode_buckets(8), -(-engine.max_model_len // runner.block_size))
     assert sorted(runner.graphs.graphs) == [1, 2, 4, 8]

@@ -10,7 +10,8 @@
                  (prompt / output lengths below) offline: output tok/s, TTFT and inter-token
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
                  a step reads / measured bandwidth), the host's part of a step (schedule, prepare,
-                 outputs: CPU work the GPU waits for), peak GPU memory
+                 apply the tokens: CPU work the GPU waits for, unless async scheduling plans the
+                 next step while this one runs), peak GPU memory
     serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
     a10          the A10 projected (vidya/bench/roofline.py): the KV room 24 GB leaves Llama-3-8B in
                  bf16 (with the activations the 24 GB run profiled), the batch it holds, the decode

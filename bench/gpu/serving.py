@@ -8,6 +8,7 @@ import os
 import random
 import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -58,33 +59,48 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
-                                  overlap_outputs=True if smoke else None))  # (smoke: the GPU's bookkeeping on CPU)
+                                  overlap_outputs=True if smoke else None,  # (smoke: the GPU's bookkeeping on CPU)
+                                  async_scheduling=True if smoke else None))
     startup = time.perf_counter() - t0
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)
-    steps: list = []
+    steps: list = []  # [SchedulerOutput, seconds of the step() call that applied it], in order
     contexts: dict[int, int] = {}  # step number -> tokens of context its sequences hold after it (KV it reads)
-    host: dict[int, float] = {}  # step number -> seconds of host-only work the GPU waits for
+    host: dict[int, float] = {}  # step number -> seconds of the host's own work in its step() call
     hidden: dict[int, float] = {}  # step number -> seconds of output work done while the GPU runs
-    schedule, prepare = engine.scheduler.schedule, engine.runner.prepare
-    advance, process = engine._advance, engine._process
+    planned: deque = deque()  # (SchedulerOutput, context after it), as the scheduler made them
+    schedule, schedule_ahead = engine.scheduler.schedule, engine.scheduler.schedule_ahead
+    prepare, advance, process = engine.runner.prepare, engine._advance, engine._process
 
     def on_host(fn, into=host):
         def timed(*a, **k):
             t0 = time.perf_counter()
             out = fn(*a, **k)
-            into[len(steps)] = into.get(len(steps), 0.0) + time.perf_counter() - t0
+            into[len(steps) + 1] = into.get(len(steps) + 1, 0.0) + time.perf_counter() - t0
             return out
         return timed
 
-    def scheduled():
-        steps.append([None])
-        steps[-1][0] = sched = on_host(schedule)()
-        # now: a request's counts move on after its step, and a finished one's are never reset
-        contexts[len(steps)] = sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
-        return sched
-    engine.runner.prepare, engine._advance, engine.scheduler.schedule = on_host(prepare), on_host(advance), scheduled
+    def recorded(fn):
+        def plan(*a):
+            sched = fn(*a)
+            if sched is not None and not sched.is_empty:
+                # a request's counts move on after its step (a step planned ahead starts one past
+                # them), and a finished one's are never reset
+                planned.append((sched, sum((s.start if s.start >= 0 else s.request.num_computed_tokens) + s.num_new_tokens
+                                           for s in sched.scheduled)))
+            return sched
+        return on_host(plan)
+    engine.runner.prepare, engine._advance = on_host(prepare), on_host(advance)
+    engine.scheduler.schedule, engine.scheduler.schedule_ahead = recorded(schedule), recorded(schedule_ahead)
     engine._process = on_host(process, hidden if engine.overlap_outputs else host)
+
+    def applied(seconds: float) -> None:
+        """The step() call just made applied the oldest step planned (with async scheduling the
+        one planned by the call before; it planned the next)."""
+        if planned:
+            sched, context = planned.popleft()
+            steps.append([sched, seconds])
+            contexts[len(steps)] = context
     t_start = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -100,7 +116,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         s0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
-        steps[-1].append(now - s0)
+        applied(now - s0)
         for o in outs:
             n = len(o.outputs[0].token_ids)
             produced[o.request_id] = n
@@ -117,17 +133,15 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
                   if p is not embed or model.lm_head.weight is embed)
     kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
     decode = []
-    for i, entry in enumerate(steps, start=1):
-        if len(entry) < 2 or entry[0].is_empty:
-            continue
-        sched, seconds = entry
+    for i, (sched, seconds) in enumerate(steps, start=1):
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
             floor = (weights + contexts[i] * kv_token) / (gb_s * 1e9)
             decode.append((len(sched.scheduled), seconds, floor, host.get(i, 0.0), hidden.get(i, 0.0)))
     full = [d for d in decode if d[0] >= 0.9 * max((d[0] for d in decode), default=0)]
     out = {"requests": n_req, "prompt_tokens": p_len, "output_tokens": o_len, "shape": shape,
            "gpu_memory_utilization": util, "startup_s": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
-           "cuda_graphs": engine.runner.graphs is not None, "overlap_outputs": engine.overlap_outputs, "backend": engine.platform.describe(),
+           "cuda_graphs": engine.runner.graphs is not None, "overlap_outputs": engine.overlap_outputs,
+           "async_scheduling": engine.async_scheduling, "backend": engine.platform.describe(),
            "wall_s": wall, "truncated": truncated,
            "output_tok_s": sum(produced.values()) / wall, "preemptions": engine.scheduler.num_preemptions,
            "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),
@@ -145,12 +159,12 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
                    used_gib=(total - free) / GiB)
     if steady:
-        out["steady"] = steady_state(engine, steps, shape["vocab_size"], p_len, o_len, 300 if smoke else 384)
+        out["steady"] = steady_state(engine, steps, applied, shape["vocab_size"], p_len, o_len, 300 if smoke else 384)
     del engine
     return out
 
 
-def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req: int,
+def steady_state(engine, steps: list, applied, vocab: int, p_len: int, o_len: int, n_req: int,
                  deadline_s: float = 90.0) -> dict:
     """Serving's steady state on the same engine: more requests than max_num_seqs, answer lengths
     spread, so as one finishes a waiting one joins and most steps carry a prompt beside the
@@ -168,13 +182,10 @@ def steady_state(engine, steps: list, vocab: int, p_len: int, o_len: int, n_req:
             break
         s0 = time.perf_counter()
         tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
-        steps[-1].append(time.perf_counter() - s0)
+        applied(time.perf_counter() - s0)
     wall = time.perf_counter() - t0
     kinds = []  # (decodes, prompt tokens, seconds)
-    for entry in steps[first:]:
-        if len(entry) < 2 or entry[0].is_empty:
-            continue
-        sched, seconds = entry[0], entry[1]
+    for sched, seconds in steps[first:]:
         decodes = sum(1 for s in sched.scheduled if s.num_new_tokens == 1 and s.samples)
         kinds.append((decodes, sched.num_scheduled_tokens - decodes, seconds))
     top = max((k[0] for k in kinds), default=0)

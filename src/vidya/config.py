@@ -68,6 +68,9 @@ class EngineArgs:
     enforce_eager: bool = False  # no CUDA graphs for decode steps (vLLM's name)
     tensor_parallel_size: int = 1  # ranks the model is split across (vllm's name)
     overlap_outputs: bool | None = None  # build a step's outputs during the next forward; None: on a GPU
+    # plan and launch the next decode step before this one's tokens reach the host (greedy decode
+    # batches; vLLM's async scheduling); None: on a GPU
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

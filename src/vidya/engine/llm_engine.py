@@ -130,6 +130,11 @@ class LLMEngine:
         # where the forward runs on this thread and would only delay them by a step)
         self.overlap_outputs = (self.device.type == "cuda") if args.overlap_outputs is None else args.overlap_outputs
         self._pending = None  # the `_advance` result of the step whose outputs are still to build
+        # the next step planned and launched before this one's tokens reached the host (greedy
+        # decode batches), so the device never waits for the host's part of a step; on a GPU
+        self.async_scheduling = ((self.device.type == "cuda") if args.async_scheduling is None
+                                 else args.async_scheduling) and self.workers is None
+        self._ahead = None  # (its SchedulerOutput, what runner.execute returned for it)
         self._ids = itertools.count()
         self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
@@ -256,11 +261,16 @@ class LLMEngine:
         the previous step's outputs (detokenizing, stop strings, logprobs' text, RequestOutputs)
         are built while this step's forward runs on the device and returned now; this step's
         come with the next call (a step with nothing scheduled returns what is still pending)."""
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return self._process_pending()
-        self._record_queue_time(sched)
-        out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
+        if self._ahead is not None:  # planned and launched by the call before
+            (sched, (out, requests, are_tokens)), self._ahead = self._ahead, None
+        else:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return self._process_pending()
+            self._record_queue_time(sched)
+            out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
+        if self.async_scheduling and are_tokens:
+            self._launch_ahead(sched, out, requests)
         previous = self._process_pending()
         if are_tokens:  # (the device work runs until this copy to the host: the overlap's window)
             sampled = SamplerOutput(out.tolist(), [None] * len(requests))
@@ -271,6 +281,18 @@ class LLMEngine:
             self._pending = done
             return previous
         return self._process(done)
+
+    def _launch_ahead(self, sched, out: torch.Tensor, requests: list[Request]) -> None:
+        """Plan the step after `sched` and launch it behind it on the device, its input tokens
+        the ones `sched` samples (`out`, still on the device); nothing when the scheduler says the
+        next step must be scheduled once this one's tokens are known."""
+        nxt = self.scheduler.schedule_ahead(sched)
+        if nxt is None:
+            return
+        row = {r.request_id: i for i, r in enumerate(requests)}
+        src = [row[s.request.request_id] for s in nxt.scheduled]
+        rows = None if src == list(range(len(src))) else self.runner.to_device(torch.tensor(src))
+        self._ahead = (nxt, self.runner.execute(nxt, argmax_only=Sampler.only_argmax, inputs_from=(out, rows)))
 
     def _process_pending(self) -> list[RequestOutput]:
         done, self._pending = self._pending, None
@@ -366,4 +388,4 @@ class LLMEngine:
 
     def check(self) -> None:
         """Assert every invariant of the scheduler and the block pool."""
-        self.scheduler.check()
+        self.scheduler.check(self._ahead[0] if self._ahead is not None else None)

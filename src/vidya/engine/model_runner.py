@@ -155,9 +155,10 @@ class ModelRunner:
         # decodes first, then prefill chunks shortest first (a backend may send the long ones,
         # a suffix of the batch, to another kernel)
         prefills.sort(key=lambda s: s.num_new_tokens)
-        # decodes: one row each, and each samples
-        positions = [s.request.num_computed_tokens for s in decodes]
-        ids = [s.request.all_token_ids[p] for s, p in zip(decodes, positions)]
+        # decodes: one row each, and each samples (a step planned ahead: its input token is not
+        # on the host yet, 0 here until `execute` puts the step before's on the device)
+        positions = [s.start if s.start >= 0 else s.request.num_computed_tokens for s in decodes]
+        ids = [s.request.all_token_ids[p] if p < s.request.num_tokens else 0 for s, p in zip(decodes, positions)]
         slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
         n = len(decodes)
         row_seq, starts, logits_rows = list(range(n)), list(range(n + 1)), list(range(n))
@@ -198,7 +199,7 @@ class ModelRunner:
             flat += table
             flat += [0] * (width - len(table))
         # (through array: 3-4x faster than torch.tensor on a list of ~12k ints, 0.6 ms a 256-decode step)
-        host = torch.frombuffer(array.array("q", flat), dtype=torch.long).to(self.device)
+        host = self.to_device(torch.frombuffer(array.array("q", flat), dtype=torch.long))
         parts, at = [], 0
         for size in [len(f) for f in fields] + [len(tables) * width]:
             parts.append(host[at:at + size])
@@ -207,6 +208,16 @@ class ModelRunner:
             slot_mapping=parts[2], block_tables=parts[7].view(len(tables), width), row_seq=parts[3], row_ctx=parts[4],
             seq_lens=parts[5], query_starts=starts, num_decodes=n + max(0, pad_to - len(out.scheduled)))
         return ModelInput(parts[0], parts[1], meta, parts[6], sampling)
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for the device: on a GPU through pinned
+        memory, copied behind the work already queued (a plain copy would wait for it, and a
+        step planned ahead would wait for the step it follows)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)  # (the host allocator keeps it until the copy has run)
+        return pinned.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def forward(self, step) -> None:
@@ -236,12 +247,20 @@ class ModelRunner:
         return self.graphs.capture_seconds
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, argmax_only=None) -> tuple[torch.Tensor, list[Request], bool]:
+    def execute(self, out: SchedulerOutput, argmax_only=None,
+                inputs_from: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[Request], bool]:
         """Runs the step; returns (logits of the rows that sample, their requests, False), or,
-        when `argmax_only(requests)` says every one of them just takes the argmax and the backend
-        can fuse it into the lm_head, (their token ids, requests, True)."""
+        when `argmax_only(requests)` says every one of them just takes the argmax, (their token
+        ids on the device, requests, True). `inputs_from` = (token ids the step before sampled,
+        on the device; which of them, in this step's row order, or None for the first rows): a
+        step planned ahead (`Scheduler.schedule_ahead`) takes its input tokens there, never
+        through the host."""
         pad = self._bucket(out)
         inp = self.prepare(out, pad)
+        if inputs_from is not None:
+            prev, rows = inputs_from
+            n = len(out.scheduled)
+            inp.input_ids[:n].copy_(prev[:n] if rows is None else prev.index_select(0, rows))
         if pad:
             self.padded_rows += pad - len(out.scheduled)
         if self.workers is not None:  # every rank runs the same step on its shard
@@ -255,6 +274,7 @@ class ModelRunner:
         rows = hidden[inp.logits_indices]
         if argmax_only is not None and argmax_only(inp.sampling_requests):
             ids = self.ops.argmax(self.model.lm_head, rows)
-            if ids is not None:
-                return ids, inp.sampling_requests, True
+            if ids is None:  # (the sampler's greedy pick, the same function, kept on the device)
+                ids = self.ops.first_max(self.ops.logits(self.model.lm_head, rows))
+            return ids, inp.sampling_requests, True
         return self.ops.logits(self.model.lm_head, rows), inp.sampling_requests, False

@@ -24,6 +24,10 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    # the first position this step computes, where it was planned ahead (`schedule_ahead`: one
+    # past the request's computed tokens then, its input the token the step before samples); -1:
+    # the request's computed count when the step is prepared
+    start: int = -1
 
     @property
     def samples(self) -> bool:
@@ -108,6 +112,36 @@ class Scheduler:
         out.num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `prev`, planned while `prev` runs, before its tokens are known (async
+        scheduling): when `prev` decodes every running request and nothing waits, each request
+        that cannot end by length at `prev` gets one more decode (its block allocated now, its
+        input the token `prev` samples, which the runner takes on the device). A request that
+        stops at `prev` on a token (EOS, a stop id or string) is found only after: its row of the
+        planned step runs, and `update_from_output` drops it (a finished request is skipped).
+        None when the step must be scheduled normally (then nothing was allocated)."""
+        live = [s for s in prev.scheduled if not s.request.is_finished]
+        if self.waiting or not live or [s.request for s in live] != self.running:
+            return None
+        if any(s.num_new_tokens != 1 or not s.samples for s in live):
+            return None
+        bs, out, need = self.kv.block_size, SchedulerOutput(), 0
+        ahead = []
+        for s in live:
+            r = s.request
+            if r.num_output_tokens + 1 >= r.max_tokens or r.num_tokens + 1 >= self.config.max_model_len:
+                continue  # its token at `prev` is its last
+            ahead.append(r)
+            need += max(0, -(-(r.num_computed_tokens + 2) // bs) - len(self.kv.block_ids(r.request_id)))
+        if not ahead or need > self.kv.pool.num_free_blocks:
+            return None
+        for r in ahead:
+            if not self.kv.allocate_slots(r, 2):  # the token in flight and the one planned
+                raise AssertionError("the pool had the blocks counted a moment ago")
+            out.scheduled.append(ScheduledRequest(r, 1, self.kv.block_ids(r.request_id), r.num_computed_tokens + 1))
+        out.num_scheduled_tokens = len(out.scheduled)
+        return out
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit from the front of the queue; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -186,14 +220,18 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def check(self) -> None:
+    def check(self, ahead: SchedulerOutput | None = None) -> None:
+        """Every invariant between steps; `ahead`, a step planned ahead and still in flight, holds
+        one more token's room for each of its requests."""
         self.kv.check()
         live = {r.request_id for r in self.running}
         assert set(self.kv.req_blocks) <= live, "a request that is not running holds blocks"
+        extra = {s.request.request_id for s in ahead.scheduled} if ahead is not None else set()
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
             held = len(self.kv.req_blocks.get(r.request_id, ()))
+            tokens = r.num_computed_tokens + (r.request_id in extra)
             # between steps a table covers exactly the computed tokens: only the last block is partial
-            assert held == -(-r.num_computed_tokens // self.kv.block_size), (
-                f"{r.request_id}: {held} blocks for {r.num_computed_tokens} computed tokens")
+            assert held == -(-tokens // self.kv.block_size), (
+                f"{r.request_id}: {held} blocks for {tokens} computed (or planned) tokens")
         assert len(self.running) <= self.config.max_num_seqs

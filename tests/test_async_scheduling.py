@@ -1,7 +1,7 @@
-"""Async scheduling (on by default on a GPU): a greedy decode step is planned and launched before
+"""Async scheduling (`--async-scheduling`, as vLLM's, off by default): a greedy decode step is planned and launched before
 the step before it has brought its tokens to the host, its input tokens taken on the device, so a
 request that stops on a token (EOS, a stop id or string) has one more row run, which is dropped.
-Forced on here on CPU, the engine must give exactly what it gives without it: every output of
+Turned on here on CPU, the engine must give exactly what it gives without it: every output of
 every request in the same order, at the same step, and nothing left behind; the invariants
 (blocks held for the tokens computed, or planned) hold after every step."""
 from __future__ import annotations
@@ -108,5 +108,8 @@ def test_an_abort_with_a_step_planned_ahead_loses_nothing_else(tiny_models):
     assert set(got) == {"r0", "r1", "r2"} and not got["r1"][-1][2]  # r1 never finished: aborted
 
 
-def test_async_scheduling_is_off_on_cpu_by_default(tiny_models):
+def test_async_scheduling_is_off_by_default_and_the_cli_turns_it_on(tiny_models):
+    from vidya.cli import build_parser, engine_args
     assert make_engine(tiny_models["llama"][0], backend="torch").async_scheduling is False
+    args = build_parser().parse_args(["serve", "--async-scheduling"])
+    assert engine_args(args).async_scheduling is True

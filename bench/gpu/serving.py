@@ -34,7 +34,7 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
-             steady: bool = False, deadline_s: float = 150.0) -> dict:
+             steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool = False) -> dict:
     """The 8B shape serving n_req requests offline (figures in the module's docstring). Past
     deadline_s seconds of serving the rest are left unfinished and `truncated` is set, so that a
     slow engine leaves the run time for the sections after it."""
@@ -60,7 +60,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
                                   overlap_outputs=True if smoke else None,  # (smoke: the GPU's bookkeeping on CPU)
-                                  async_scheduling=True if smoke else None))
+                                  async_scheduling=async_scheduling))
     startup = time.perf_counter() - t0
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)

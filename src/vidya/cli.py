@@ -34,6 +34,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model across this many processes (one per GPU; gloo on CPU)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step runs eagerly (GPU only)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="plan and launch each greedy decode step before the step before it has brought its "
+                        "tokens to the host, so the GPU does not wait for the host's part of a step "
+                        "(vLLM's flag; off by default: not yet measured on a GPU)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from the model's config, to serve and benchmark a model's "
                         "shape where its weights cannot be downloaded")
@@ -48,6 +52,7 @@ def engine_args(args, show_progress: bool = True):
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
                       backend=args.backend, device=args.device, attention_backend=args.attention_backend,
                       load_format=args.load_format, enforce_eager=args.enforce_eager,
+                      async_scheduling=args.async_scheduling,
                       tensor_parallel_size=args.tensor_parallel_size, show_progress=show_progress)
 
 

@@ -69,8 +69,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # ranks the model is split across (vllm's name)
     overlap_outputs: bool | None = None  # build a step's outputs during the next forward; None: on a GPU
     # plan and launch the next decode step before this one's tokens reach the host (greedy decode
-    # batches; vLLM's async scheduling); None: on a GPU
-    async_scheduling: bool | None = None
+    # batches; vLLM's --async-scheduling, off by default there too): tested on CPU, not yet
+    # measured on a GPU (bench/gpu/run.sh's serve_8b_async section measures it)
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

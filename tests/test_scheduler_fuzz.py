@@ -3,6 +3,7 @@ check every invariant after every step. Nothing is ever dropped or deadlocked.""
 from __future__ import annotations
 
 import random
+import zlib
 
 from hypothesis import given, settings, strategies as st
 
@@ -22,26 +23,48 @@ ops = st.lists(
 )
 
 
-def fake_step(sched: Scheduler, rng: random.Random) -> None:
-    out = sched.schedule()
-    sampled = {s.request.request_id: rng.randrange(3, 20) for s in out.scheduled if s.samples}
-    sched.update_from_output(out, sampled)
+class FakeEngine:
+    """The engine's loop over a fake model: a step's tokens are pseudo-random (7 stops a request
+    that asked for it); with `ahead`, as the engine's async scheduling, the next step is planned
+    before this one's tokens are applied, and applied a call later."""
+
+    def __init__(self, sched: Scheduler, ahead: bool) -> None:
+        self.sched, self.use_ahead, self.ahead = sched, ahead, None
+
+    def step(self) -> None:
+        out, self.ahead = (self.ahead, None) if self.ahead is not None else (self.sched.schedule(), None)
+        # a request's token depends on the request and its length only, as a model's would
+        sampled = {s.request.request_id: 3 + zlib.crc32(f"{s.request.request_id}:{s.request.num_tokens}".encode()) % 17
+                   for s in out.scheduled if s.samples}
+        if self.use_ahead and out.scheduled:
+            self.ahead = self.sched.schedule_ahead(out)
+        self.sched.update_from_output(out, sampled)
+
+    def check(self) -> None:
+        self.sched.check(self.ahead)
+
+    @property
+    def busy(self) -> bool:
+        return self.sched.has_unfinished or self.ahead is not None
 
 
 @settings(max_examples=120, deadline=None)
 @given(ops=ops, block_size=st.integers(1, 5), num_blocks=st.integers(8, 40),
-       budget=st.integers(1, 16), max_seqs=st.integers(1, 6), caching=st.booleans())
-def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, budget, max_seqs, caching):
+       budget=st.integers(1, 16), max_seqs=st.integers(1, 6), caching=st.booleans(), ahead=st.booleans())
+def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, budget, max_seqs, caching, ahead):
     rng = random.Random(0)
     kv = KVCacheManager(num_blocks, block_size, caching)
     sched = Scheduler(SchedulerConfig(max_seqs, budget, 64), kv)
+    engine = FakeEngine(sched, ahead)
     added = []
     prefixes = [[rng.randrange(3, 20) for _ in range(12)] for _ in range(4)]
     for op in ops:
         if op[0] == "add":
             _, plen, max_tokens, family = op
             prompt = (prefixes[family] + [rng.randrange(3, 20) for _ in range(plen)])[:plen]
-            r = Request(f"r{len(added)}", prompt, SamplingParams(max_tokens=max_tokens), None, max_tokens)
+            stop = [7] if family == 3 else None  # a request that can stop on a token
+            r = Request(f"r{len(added)}", prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop), None,
+                        max_tokens)
             try:
                 sched.add_request(r)
             except ValueError:
@@ -50,22 +73,24 @@ def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, bud
             added.append(r)
         elif op[0] == "step":
             for _ in range(op[1]):
-                fake_step(sched, rng)
-                sched.check()
+                engine.step()
+                engine.check()
         elif added:
             r = added[op[1] % len(added)]
             sched.finish_request(r.request_id, RequestStatus.FINISHED_ABORTED)
-            sched.check()
+            engine.check()
     for _ in range(10_000):  # drain: every request finishes, no deadlock
-        if not sched.has_unfinished:
+        if not engine.busy:
             break
-        fake_step(sched, rng)
-        sched.check()
-    assert not sched.has_unfinished
+        engine.step()
+        engine.check()
+    assert not engine.busy
     for r in added:
         assert r.is_finished
         if r.status == RequestStatus.FINISHED_LENGTH:
             assert r.num_output_tokens == r.max_tokens
+        elif r.status == RequestStatus.FINISHED_STOPPED:
+            assert r.all_token_ids[-1] == 7 and 7 not in r.all_token_ids[r.num_prompt_tokens:-1]
     assert kv.pool.num_free_blocks == num_blocks
 
 
@@ -86,19 +111,18 @@ def test_out_of_blocks_with_nothing_to_preempt_queues():
 def test_preemption_takes_the_most_recent_and_keeps_its_output():
     kv = KVCacheManager(5, 2)
     sched = Scheduler(SchedulerConfig(4, 64, 64), kv)
-    rng = random.Random(1)
     a = Request("a", [5, 6, 7], SamplingParams(max_tokens=5), None, 5)
     b = Request("b", [8, 9, 10], SamplingParams(max_tokens=5), None, 5)
     sched.add_request(a)
     sched.add_request(b)
     for _ in range(3):
-        fake_step(sched, rng)
+        FakeEngine(sched, ahead=False).step()
         sched.check()
     assert sched.num_preemptions >= 1
     assert b.num_preemptions >= 1 and a.num_preemptions == 0
     assert b.num_output_tokens >= 1  # kept across the preemption
     while sched.has_unfinished:
-        fake_step(sched, rng)
+        FakeEngine(sched, ahead=False).step()
         sched.check()
     assert a.num_output_tokens == b.num_output_tokens == 5
     assert b.num_cached_tokens == 0, "recomputed tokens after preemption are not cache hits"
@@ -130,3 +154,27 @@ def test_a_finished_request_leaves_and_a_waiting_one_joins_at_once():
     assert a.is_finished and kv.pool.num_free_blocks == 8
     second = sched.schedule()
     assert [s.request.request_id for s in second.scheduled] == ["b"]
+
+
+def test_steps_planned_ahead_apply_as_the_steps_they_follow():
+    """Async scheduling's bookkeeping alone: with every step planned ahead where it can be, each
+    request gets the tokens and finish it gets step by step (a request stopped on a token has its
+    planned row dropped), the blocks held cover the planned tokens, and all come back."""
+    def run(ahead: bool):
+        kv = KVCacheManager(40, 2)
+        sched = Scheduler(SchedulerConfig(4, 64, 64), kv)
+        engine, planned = FakeEngine(sched, ahead), []
+        plan = sched.schedule_ahead
+        sched.schedule_ahead = lambda prev: planned.append(plan(prev)) or planned[-1]
+        reqs = [Request(f"r{i}", [3 + i, 4, 5], SamplingParams(max_tokens=n, stop_token_ids=[7] if i % 2 else None),
+                        None, n) for i, n in enumerate((9, 14, 3, 20))]
+        for r in reqs:
+            sched.add_request(r)
+        while engine.busy:
+            engine.step()
+            engine.check()
+        assert kv.pool.num_free_blocks == 40
+        return [(r.all_token_ids, r.status) for r in reqs], [p for p in planned if p is not None]
+    (want, _), (got, planned) = run(False), run(True)
+    assert got == want and len(planned) >= 5
+    assert any(status == RequestStatus.FINISHED_STOPPED for _, status in got)  # a token stopped one

@@ -113,3 +113,22 @@ def test_async_scheduling_is_off_by_default_and_the_cli_turns_it_on(tiny_models)
     assert make_engine(tiny_models["llama"][0], backend="torch").async_scheduling is False
     args = build_parser().parse_args(["serve", "--async-scheduling"])
     assert engine_args(args).async_scheduling is True
+
+
+def test_a_planned_step_whose_requests_all_ended_is_dropped(tiny_models):
+    """Every request aborted while a step planned for them is in flight: the next request is
+    scheduled at once, not behind that dead step."""
+    d = tiny_models["llama"][0]
+    engine = make_engine(d, backend="torch", async_scheduling=True, overlap_outputs=False)
+    for i, p in enumerate(PROMPTS[:2]):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=20))
+    for _ in range(3):
+        engine.step()
+    assert engine._ahead is not None, "nothing planned ahead: the case is not tested"
+    assert engine.abort("r0") and engine.abort("r1") and not engine.has_unfinished_requests()
+    engine.check()
+    engine.add_request("next", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=1))
+    outs = engine.step()  # its prompt runs in this very step: the dead one is dropped
+    assert [o.request_id for o in outs] == ["next"] and outs[0].finished
+    engine.check()
+    assert not engine.kv.req_blocks

@@ -260,6 +260,8 @@ class LLMEngine:
         the previous step's outputs (detokenizing, stop strings, logprobs' text, RequestOutputs)
         are built while this step's forward runs on the device and returned now; this step's
         come with the next call (a step with nothing scheduled returns what is still pending)."""
+        if self._ahead is not None and all(s.request.is_finished for s in self._ahead[0].scheduled):
+            self._ahead = None  # every request of it stopped or was aborted: its result is not wanted
         if self._ahead is not None:  # planned and launched by the call before
             (sched, (out, requests, are_tokens)), self._ahead = self._ahead, None
         else:
@@ -268,10 +270,16 @@ class LLMEngine:
                 return self._process_pending()
             self._record_queue_time(sched)
             out, requests, are_tokens = self.runner.execute(sched, argmax_only=Sampler.only_argmax)
+        ready = None
         if self.async_scheduling and are_tokens:
+            # this step's tokens start for the host before the next step is queued behind it
+            host, ready = self.runner.to_host(out)
             self._launch_ahead(sched, out, requests)
+            out = host
         previous = self._process_pending()
         if are_tokens:  # (the device work runs until this copy to the host: the overlap's window)
+            if ready is not None:
+                ready.synchronize()
             sampled = SamplerOutput(out.tolist(), [None] * len(requests))
         else:
             sampled = self.sampler(out, requests) if requests else None
@@ -285,6 +293,8 @@ class LLMEngine:
         """Plan the step after `sched` and launch it behind it on the device, its input tokens
         the ones `sched` samples (`out`, still on the device); nothing when the scheduler says the
         next step must be scheduled once this one's tokens are known."""
+        if self.device.type == "cuda" and not self.runner.graph_holds(len(sched.scheduled)):
+            return  # an eager step would wait for this one (its attention tiles cross to the device)
         nxt = self.scheduler.schedule_ahead(sched)
         if nxt is None:
             return

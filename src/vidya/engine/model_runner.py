@@ -219,6 +219,22 @@ class ModelRunner:
         pinned.copy_(host)  # (the host allocator keeps it until the copy has run)
         return pinned.to(self.device, non_blocking=True)
 
+    def to_host(self, device_tensor: torch.Tensor):
+        """(a host copy of a device tensor, queued now, and an event to wait on before reading it;
+        None off a GPU, where the tensor is on the host already). Queued before a step planned
+        ahead is launched, so reading it waits for this step alone, not for the next as well."""
+        if self.device.type != "cuda":
+            return device_tensor, None
+        host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+        host.copy_(device_tensor, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def graph_holds(self, num_decodes: int) -> bool:
+        """Whether a decode step of this many rows replays a captured CUDA graph."""
+        return self.graphs is not None and bucket_for(num_decodes, self.decode_buckets) > 0
+
     @torch.inference_mode()
     def forward(self, step) -> None:
         """A tensor-parallel worker's part of rank 0's step: the forward on this rank's shard and

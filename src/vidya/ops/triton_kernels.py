@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# the row and token counts change every step: not specialised on (Triton would compile a variant
+# for 1, multiples of 16 and the rest, the last two mid-run when steps run eagerly)
+@triton.jit(do_not_specialize=["rows"])
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, rows, n, eps,
                          HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
@@ -55,6 +57,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """(RMSNorm(residual + x) * weight, residual + x). With a residual both are updated in place
     (x gets the norm, residual the sum); without one x is left as it is and becomes the residual."""
     n = x.shape[-1]
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1), "rows must be contiguous"
     x2 = x.view(-1, n)
     rows = x2.shape[0]
     out = x2 if residual is not None else torch.empty_like(x2)
@@ -68,7 +71,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return out.view(x.shape), (residual if residual is not None else x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _gated_act_kernel(gu_ptr, out_ptr, stride_g, stride_o, rows, n, GELU: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
@@ -102,7 +105,7 @@ def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
                          stride_t, stride_cos, stride_cb, stride_cs, stride_ch,
                          H: tl.constexpr, KVH: tl.constexpr, HEADS_PAD: tl.constexpr, D: tl.constexpr,

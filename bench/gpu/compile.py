@@ -1,6 +1,7 @@
 """Compile the Triton attention kernels for GPUs without one: the launches the engine makes
-(`triton_paged.attend_launch` / `write_kv_launch`) at real models' attention shapes, in the
-serving dtypes, for each architecture named, through Triton's own compiler to PTX and cubin.
+(`triton_paged.attend_launch`, and `triton_kernels.rotary_launch`: RoPE with the KV-cache write)
+at real models' attention shapes, in the serving dtypes, for each architecture named, through
+Triton's own compiler to PTX and cubin.
 Prints each kernel's shared memory and fails on one over the architecture's per-block limit;
 where the ptxas that Triton carries knows the architecture, its register and spill counts too
 (more than SPILL_LIMIT bytes spilled fails).
@@ -44,6 +45,7 @@ def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[
     from triton.compiler import ASTSource
 
     from vidya.attention import triton_paged as tp
+    from vidya.ops import triton_kernels as tk
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}
     out = []
     for arch in archs:
@@ -61,9 +63,10 @@ def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[
                 launches = [(name, tp._attend_kernel, ptr,
                              {**dict(launch.constants), "BLOCK_Q": tile.block_q, "BLOCK_N": tile.block_n},
                              tile.num_warps, tile.num_stages) for name, tile in tiles.items()]
-                launches.append(("write_kv", tp._write_kv_kernel,
-                                 {**{n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64"},
-                                 *tp.write_kv_launch(d, BLOCK_SIZE), None))
+                launches.append(("rotary_cache", tk._rotary_cache_kernel,
+                                 {**{n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr")},
+                                  "slot_ptr": "*i64"},
+                                 *tk.rotary_launch(h, kvh, d, BLOCK_SIZE), None))
                 for name, fn, types, constants, num_warps, stages in launches:
                     row = {"arch": arch, "dtype": dtype, "model": model, "kernel": name, "num_warps": num_warps,
                            "num_stages": stages, **constants}

@@ -1,11 +1,7 @@
 """Paged attention in Triton: the GPU attention backend (and, under TRITON_INTERPRET=1, the same
-kernels on CPU for the tests). Same contract as the reference in attention/paged.py.
+kernel on CPU for the tests), over a cache the step's K/V are already in (ops/triton_kernels.py's
+`rotary_cache` writes them). Same contract as the reference's `attend` in attention/paged.py.
 
-Two kernels:
-
-    write_kv    one program per (WRITE_TOKENS tokens, KV head): the step's K/V into the cache at
-                their slots, in the cache's dtype; a negative slot (a padded row of a CUDA-graph
-                bucket) writes nothing.
     attend      one program per (query tile, KV head) over the engine's flat batch, decodes and
                 prefill chunks alike: a tile is up to BLOCK_Q consecutive query rows of one
                 sequence times the GQA group of query heads that share the KV head (BLOCK_Q * G_PAD
@@ -31,30 +27,12 @@ from vidya.attention.metadata import AttentionMetadata
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program of a prefill chunk (32 at head_dim 256)
 BLOCK_N = 32  # keys per inner iteration (decode tiles: see attend_launch)
-WRITE_TOKENS = 16  # tokens per program of write_kv
 NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier position
 
 
 # Triton compiles a kernel anew for each specialisation of its integer arguments (1, a multiple of
-# 16, other) and pointer alignments: the step's token count and block-table width change every
-# step, so they are not specialised on (model_runner aligns the step's tensors)
-@triton.jit(do_not_specialize=["num_tokens"])
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cs, stride_ch,
-                     BLOCK_T: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)
-    d = tl.arange(0, D_PAD)
-    ok = (slot >= 0)[:, None] & (d < D)[None, :]
-    k = tl.load(k_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=ok, other=0.0)
-    v = tl.load(v_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=ok, other=0.0)
-    dst = ((slot // BS) * stride_cb + (slot % BS) * stride_cs + h * stride_ch)[:, None] + d[None, :]
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=ok)
-    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
-
-
+# 16, other) and pointer alignments: the block-table width changes every step, so it is not
+# specialised on (model_runner aligns the step's tensors)
 @triton.jit(do_not_specialize=["stride_bt"])
 def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_ptr, tile_seq_ptr, tile_q0_ptr,
                    scale, window,
@@ -120,20 +98,6 @@ def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_
 
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << (max(n, 1) - 1).bit_length())
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kvh, d] (any row stride, last dim contiguous) into the cache at slot_mapping[t];
-    slots < 0 are skipped."""
-    t, kvh, d = k.shape
-    if t == 0:
-        return
-    constants, num_warps = write_kv_launch(d, k_cache.shape[1])
-    _write_kv_kernel[(triton.cdiv(t, WRITE_TOKENS), kvh)](
-        k, v, k_cache, v_cache, slot_mapping, t,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        num_warps=num_warps, **constants)
 
 
 def tile_maps(meta: AttentionMetadata, launch: "AttendLaunch", device: torch.device):
@@ -218,14 +182,6 @@ def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: 
     return AttendLaunch(constants, decode, prefill)
 
 
-@functools.cache
-def write_kv_launch(head_dim: int, block_size: int) -> tuple[dict, int]:
-    """The KV-write kernel's constants and warps: head_dim / 16 warps, 8 elements of each of K
-    and V per thread (at 16 Triton's compiler spilled on sm_86: bench/gpu/compile.py)."""
-    d_pad = _pow2(head_dim, 16)
-    return dict(BLOCK_T=WRITE_TOKENS, BS=block_size, D=head_dim, D_PAD=d_pad), max(4, d_pad // 16)
-
-
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
            scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, H, d] (last dim contiguous) over a cache the step's K/V are already in -> [T, H, d].
@@ -247,10 +203,3 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
             **tile.kwargs(), **dict(launch.constants))
     return out
 
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    window: int | None = None) -> torch.Tensor:
-    """As vidya.attention.paged.paged_attention: K/V written, then every query row attended."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    return attend(q, k_cache, v_cache, meta, scale, window)

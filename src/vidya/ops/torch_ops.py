@@ -20,22 +20,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def attention_impl(name: str):
-    """The paged attention function of an attention backend (vidya/platform.py names it)."""
-    if name == "triton":
-        from vidya.attention import triton_paged
-        return triton_paged.paged_attention
-    return paged_attention
-
-
 class TorchOps:
     # this rank's place in a tensor-parallel group (vidya/engine/tensor_parallel.py); one rank alone
     # by default, where all_reduce and the vocabulary split are no-ops
     tp = TPGroup()
 
     def __init__(self, platform) -> None:
-        """`platform` (vidya/platform.py) says what this machine runs: here, which attention."""
-        self.paged_attention = attention_impl(platform.attention)
+        """`platform` (vidya/platform.py) says what this machine runs (the reference needs nothing of it)."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the tensor-parallel ranks of a row-parallel projection's partial output."""
@@ -83,7 +74,7 @@ class TorchOps:
         q, k = q.view(t, attn.num_heads, attn.head_dim), k.view(t, attn.num_kv_heads, attn.head_dim)
         q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, attn.num_kv_heads, attn.head_dim)
-        out = self.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:

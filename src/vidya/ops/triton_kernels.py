@@ -150,10 +150,17 @@ def rotary_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_he
     if t == 0:
         return
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
-    heads_pad, half_pad = triton.next_power_of_2(num_heads + num_kv_heads), triton.next_power_of_2(head_dim // 2)
-    per = _rows_per_program(heads_pad * half_pad)
-    _rotary_cache_kernel[(triton.cdiv(t, per),)](
+    constants, num_warps = rotary_launch(num_heads, num_kv_heads, head_dim, k_cache.shape[1])
+    _rotary_cache_kernel[(triton.cdiv(t, constants["TOKENS"]),)](
         qkv, cos, sin, k_cache, v_cache, slot_mapping, t,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=num_heads, KVH=num_kv_heads, HEADS_PAD=heads_pad, D=head_dim, HALF_PAD=half_pad,
-        BS=k_cache.shape[1], TOKENS=per, num_warps=_warps(per * heads_pad * half_pad))
+        num_warps=num_warps, **constants)
+
+
+def rotary_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> tuple[dict, int]:
+    """The RoPE + cache-write kernel's constants and warps for one attention shape (also what
+    bench/gpu/compile.py compiles)."""
+    heads_pad, half_pad = triton.next_power_of_2(num_heads + num_kv_heads), triton.next_power_of_2(head_dim // 2)
+    per = _rows_per_program(heads_pad * half_pad)
+    return (dict(H=num_heads, KVH=num_kv_heads, HEADS_PAD=heads_pad, D=head_dim, HALF_PAD=half_pad, BS=block_size,
+                 TOKENS=per), _warps(per * heads_pad * half_pad))

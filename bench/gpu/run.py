@@ -5,7 +5,8 @@
     kernels      the Triton paged-attention kernels against the torch reference in the serving
                  dtype: max error and time, at Llama-3-8B's and Gemma 3's attention shapes
     tiny_exact   tiny random Llama / Qwen3 / Gemma 3 models, greedy, on the device in float32:
-                 vidya's tokens against transformers' generate(), token for token
+                 vidya's tokens against transformers' generate(), token for token, with and
+                 without async scheduling
     serve_8b     an 8B-shaped Llama (random weights, --load-format dummy) serving N requests
                  (prompt / output lengths below) offline: output tok/s, TTFT and inter-token
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
@@ -15,6 +16,7 @@
     serve_8b_async  the same with --async-scheduling (each decode step planned and launched
                  before the one before it has brought its tokens to the host)
     serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
+    serve_8b_24gb_async  that with --async-scheduling
     a10          the A10 projected (vidya/bench/roofline.py): the KV room 24 GB leaves Llama-3-8B in
                  bf16 (with the activations the 24 GB run profiled), the batch it holds, the decode
                  step at 600 GB/s divided by the efficiency the 24 GB run reached against its own
@@ -148,15 +150,17 @@ def tiny_exact(device: torch.device, workdir: str, smoke: bool) -> list[dict]:
                 g = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                                 min_new_tokens=new, eos_token_id=2, pad_token_id=2)
                 want.append(g[0, len(p):].tolist())
-        llm = LLM(path, dtype="float32", device=str(device), max_model_len=256, block_size=16, show_progress=False,
-                  kv_cache_memory=0.05, gpu_memory_utilization=0.5 if device.type == "cuda" else 0.9)
-        got = [o.outputs[0].token_ids for o in llm.generate(
-            prompts, SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new), use_tqdm=False)]
-        out.append({"arch": arch, "attention": llm.engine.platform.attention,
-                    "cuda_graphs": llm.engine.runner.graphs is not None,
-                    "token_exact": got == want, "prompts": len(prompts),
-                    "tokens_equal": sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))})
-        del llm
+        for async_scheduling in (False, True):  # planned decode steps (graph-replayed) must change no token
+            llm = LLM(path, dtype="float32", device=str(device), max_model_len=256, block_size=16, show_progress=False,
+                      kv_cache_memory=0.05, gpu_memory_utilization=0.5 if device.type == "cuda" else 0.9,
+                      async_scheduling=async_scheduling)
+            got = [o.outputs[0].token_ids for o in llm.generate(
+                prompts, SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new), use_tqdm=False)]
+            out.append({"arch": arch, "attention": llm.engine.platform.attention,
+                        "cuda_graphs": llm.engine.runner.graphs is not None, "async_scheduling": async_scheduling,
+                        "token_exact": got == want, "prompts": len(prompts),
+                        "tokens_equal": sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))})
+            del llm
     return out
 
 
@@ -240,6 +244,7 @@ def main() -> int:
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, steady=True))
         section("serve_8b_async", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, async_scheduling=True))
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
+        section("serve_8b_24gb_async", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, async_scheduling=True))
         section("a10", lambda: a10(served, args.smoke))
         section("sweep_24gb", lambda: sweep_24gb(device, workdir, os.path.dirname(os.path.abspath(args.json)), args.smoke))
     checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]

@@ -1,4 +1,4 @@
-"""Async scheduling (`--async-scheduling`, as vLLM's, off by default): a greedy decode step is planned and launched before
+"""Async scheduling (`--async-scheduling`, as vLLM's; on by default on a GPU): a greedy decode step is planned and launched before
 the step before it has brought its tokens to the host, its input tokens taken on the device, so a
 request that stops on a token (EOS, a stop id or string) has one more row run, which is dropped.
 Turned on here on CPU, the engine must give exactly what it gives without it: every output of
@@ -7,6 +7,7 @@ every request in the same order, at the same step, and nothing left behind; the 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import make_engine
 from vidya.llm import LLM
@@ -108,11 +109,17 @@ def test_an_abort_with_a_step_planned_ahead_loses_nothing_else(tiny_models):
     assert set(got) == {"r0", "r1", "r2"} and not got["r1"][-1][2]  # r1 never finished: aborted
 
 
-def test_async_scheduling_is_off_by_default_and_the_cli_turns_it_on(tiny_models):
+def test_async_scheduling_is_on_by_default_on_a_gpu_only_and_the_cli_sets_it(tiny_models):
+    """As vLLM's: on by default where it pays (a GPU, whose forward runs beside the host; on CPU
+    the forward runs on the engine's own thread), `--async-scheduling` / `--no-async-scheduling`."""
     from vidya.cli import build_parser, engine_args
-    assert make_engine(tiny_models["llama"][0], backend="torch").async_scheduling is False
-    args = build_parser().parse_args(["serve", "--async-scheduling"])
-    assert engine_args(args).async_scheduling is True
+    assert make_engine(tiny_models["llama"][0], backend="torch").async_scheduling is False  # CPU
+    parse = lambda *flags: engine_args(build_parser().parse_args(["serve", *flags])).async_scheduling
+    assert parse() is None and parse("--async-scheduling") is True and parse("--no-async-scheduling") is False
+    if torch.cuda.is_available():
+        d = tiny_models["llama"][0]
+        assert make_engine(d, device="cuda").async_scheduling is True
+        assert make_engine(d, device="cuda", async_scheduling=False).async_scheduling is False
 
 
 def test_a_planned_step_whose_requests_all_ended_is_dropped(tiny_models):

@@ -12,11 +12,11 @@
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
                  a step reads / measured bandwidth), the host's part of a step (schedule, prepare,
                  apply the tokens: CPU work the GPU waits for, unless async scheduling plans the
-                 next step while this one runs), peak GPU memory
-    serve_8b_async  the same with --async-scheduling (each decode step planned and launched
-                 before the one before it has brought its tokens to the host)
+                 next step while this one runs: the default on a GPU), peak GPU memory
+    serve_8b_sync  the same with --no-async-scheduling (each step scheduled once the tokens of
+                 the one before it are on the host)
     serve_8b_24gb  the same with --gpu-memory-utilization set so that only 24 GB are used (an A10)
-    serve_8b_24gb_async  that with --async-scheduling
+    serve_8b_24gb_sync  that with --no-async-scheduling
     a10          the A10 projected (vidya/bench/roofline.py): the KV room 24 GB leaves Llama-3-8B in
                  bf16 (with the activations the 24 GB run profiled), the batch it holds, the decode
                  step at 600 GB/s divided by the efficiency the 24 GB run reached against its own
@@ -242,9 +242,9 @@ def main() -> int:
         section("kernels", lambda: kernels(device, dtype, args.smoke))
         section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, steady=True))
-        section("serve_8b_async", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, async_scheduling=True))
+        section("serve_8b_sync", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, async_scheduling=False))
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
-        section("serve_8b_24gb_async", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, async_scheduling=True))
+        section("serve_8b_24gb_sync", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, async_scheduling=False))
         section("a10", lambda: a10(served, args.smoke))
         section("sweep_24gb", lambda: sweep_24gb(device, workdir, os.path.dirname(os.path.abspath(args.json)), args.smoke))
     checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]

@@ -34,7 +34,7 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
-             steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool = False) -> dict:
+             steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool | None = None) -> dict:
     """The 8B shape serving n_req requests offline (figures in the module's docstring). Past
     deadline_s seconds of serving the rest are left unfinished and `truncated` is set, so that a
     slow engine leaves the run time for the sections after it."""

@@ -34,10 +34,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model across this many processes (one per GPU; gloo on CPU)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step runs eagerly (GPU only)")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and launch each greedy decode step before the step before it has brought its "
                         "tokens to the host, so the GPU does not wait for the host's part of a step "
-                        "(vLLM's flag; off by default: not yet measured on a GPU)")
+                        "(vLLM's flag; default: on a GPU, off on CPU, where the forward runs on the "
+                        "engine's own thread)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from the model's config, to serve and benchmark a model's "
                         "shape where its weights cannot be downloaded")

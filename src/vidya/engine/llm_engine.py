@@ -132,7 +132,8 @@ class LLMEngine:
         self._pending = None  # the `_advance` result of the step whose outputs are still to build
         # the next step planned and launched before this one's tokens reached the host (greedy
         # decode batches), so the device need not wait for the host's part of a step
-        self.async_scheduling = args.async_scheduling and self.workers is None
+        wanted = (self.device.type == "cuda") if args.async_scheduling is None else args.async_scheduling
+        self.async_scheduling = wanted and self.workers is None
         self._ahead = None  # (its SchedulerOutput, what runner.execute returned for it)
         self._ids = itertools.count()
         self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "

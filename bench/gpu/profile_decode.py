@@ -6,6 +6,9 @@
     gemms       the step's matrix products alone at the batch (bf16, torch): time and TFLOP/s
     kernels     one eager decode step of the 8B-shaped engine (dummy weights) under
                 torch.profiler: the GPU time of each kind of kernel, largest first
+    served      decode steps as the engine serves them (CUDA graphs, async scheduling on and
+                off): clock time a step, GPU time a step, the GPU's idle time between steps, and
+                the host's time in the engine's parts and in CUDA runtime calls
 
     PYTHONPATH=src python bench/gpu/profile_decode.py [--batch 256] [--context 640] [--json FILE]
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -171,6 +175,96 @@ def kernels(device: torch.device, batch: int, context: int, smoke: bool, workdir
     return results
 
 
+def served(device: torch.device, batch: int, context: int, smoke: bool, workdir: str) -> dict:
+    """The engine's decode steps as it serves them (CUDA graphs; async scheduling on and off):
+    the clock's time a step, the GPU's time a step (events around each graph replay) and the GPU's
+    idle time between steps; then a few steps under torch.profiler, with the engine's parts
+    labelled, to name what the host was doing while the GPU idled, and the CUDA runtime calls
+    that made the host wait."""
+    from transformers import LlamaConfig
+
+    from vidya.config import EngineArgs
+    from vidya.engine.llm_engine import LLMEngine
+    from vidya.models.tiny import word_tokenizer
+    from vidya.sampling_params import SamplingParams
+    shape = TOY if smoke else LLAMA3_8B
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **shape)
+    path = model_dir(config, word_tokenizer(shape["vocab_size"]), os.path.join(workdir, "llama3-8b-shape"))
+    cuda = device.type == "cuda"
+    results = {}
+    for planned in (True, False):
+        engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
+                                      max_model_len=2 * context + 64, max_num_seqs=batch,
+                                      gpu_memory_utilization=0.5, kv_cache_memory=0.1, show_progress=False,
+                                      overlap_outputs=None if cuda else True, async_scheduling=planned))
+        marks: list = []  # (start event, end event) around each graph replay
+        graphs = engine.runner.graphs
+        if graphs is not None:
+            replay = graphs.replay
+
+            def timed_replay(*a, replay=replay):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = replay(*a)
+                end.record()
+                marks.append((start, end))
+                return out
+            graphs.replay = timed_replay
+        labelled = [(engine.scheduler, "schedule"), (engine.scheduler, "schedule_ahead"),
+                    (engine.scheduler, "update_from_output"), (engine.runner, "prepare"),
+                    (engine.runner, "execute"), (engine.runner, "to_host"), (engine, "_process"),
+                    (engine, "_launch_ahead")]
+        for obj, name in labelled:
+            fn = getattr(obj, name)
+
+            def label(*a, fn=fn, name=name, **k):
+                with torch.profiler.record_function(f"vidya.{name}"):
+                    return fn(*a, **k)
+            setattr(obj, name, label)
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0.0, max_tokens=context, ignore_eos=True)
+        for _ in range(batch):
+            engine.add_request(None, [rng.randrange(3, shape["vocab_size"]) for _ in range(context // 2)], params)
+        for _ in range(context // 4):  # prefill, then decodes until the context is ~3/4 of `context`
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        marks.clear()
+        n = 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        row = {"step_ms": 1e3 * (time.perf_counter() - t0) / n, "replays": len(marks)}
+        if len(marks) > 2:
+            gpu = [a.elapsed_time(b) for a, b in marks]
+            idle = [marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
+            row.update(gpu_step_ms=statistics.median(gpu), idle_between_ms=statistics.median(idle),
+                       idle_max_ms=max(idle))
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        k = 5
+        with profile(activities=acts) as prof:
+            for _ in range(k):
+                engine.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        host = {}
+        for e in prof.key_averages():
+            if e.key.startswith("vidya.") or e.key.startswith("cuda"):
+                host[e.key] = {"ms": round(e.cpu_time_total / 1e3 / k, 3), "calls": e.count / k}
+        row["host_per_step"] = dict(sorted(host.items(), key=lambda kv: -kv[1]["ms"])[:20])
+        results["async" if planned else "sync"] = row
+        del engine
+        import gc
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -191,7 +285,8 @@ def main() -> int:
     result = {"batch": batch, "context": context, "copy_gb_s": gb_s}
     sections = {"attention": lambda: attention(device, dtype, batch, context, gb_s, args.smoke),
                 "gemms": lambda: gemms(device, dtype, batch, TOY if args.smoke else LLAMA3_8B, args.smoke),
-                "kernels": lambda: kernels(device, batch, context, args.smoke, workdir)}
+                "kernels": lambda: kernels(device, batch, context, args.smoke, workdir),
+                "served": lambda: served(device, batch, context, args.smoke, workdir)}
     with tempfile.TemporaryDirectory() as workdir:
         for name, fn in sections.items():
             if args.only is not None and name not in args.only:

@@ -25,6 +25,7 @@
     sweep_24gb   `vidya serve` on the GPU (the 8B shape, dummy weights, 24 GB), `vidya bench sweep`
                  with the tutor's requests at concurrency 16..256, then `vidya plan` on it (sweep.py);
                  the sweep file is written beside the results
+    sweep_24gb_sync  the same with --no-async-scheduling (gpu-sweep-24gb-sync.json)
 
 `--smoke` runs every section at toy sizes (on CPU: Triton interpreted) so that the script is
 tested where no GPU is; its numbers mean nothing.
@@ -187,7 +188,8 @@ def a10(served: dict | None, smoke: bool) -> dict:
     return out
 
 
-def sweep_24gb(device: torch.device, workdir: str, out_dir: str, smoke: bool) -> dict:
+def sweep_24gb(device: torch.device, workdir: str, out_dir: str, smoke: bool, flags: tuple[str, ...] = (),
+               name: str = "gpu-sweep-24gb") -> dict:
     from transformers import LlamaConfig
 
     import sweep
@@ -195,7 +197,7 @@ def sweep_24gb(device: torch.device, workdir: str, out_dir: str, smoke: bool) ->
     config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, **shape)
     path = model_dir(config, sweep.tokenizer(shape["vocab_size"]), os.path.join(workdir, "llama3-8b-shape-words"))
-    return sweep.sweep_24gb(path, shape["vocab_size"], device, workdir, out_dir, smoke)
+    return sweep.sweep_24gb(path, shape["vocab_size"], device, workdir, out_dir, smoke, flags, name)
 
 
 def main() -> int:
@@ -246,7 +248,10 @@ def main() -> int:
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))
         section("serve_8b_24gb_sync", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, async_scheduling=False))
         section("a10", lambda: a10(served, args.smoke))
-        section("sweep_24gb", lambda: sweep_24gb(device, workdir, os.path.dirname(os.path.abspath(args.json)), args.smoke))
+        out_dir = os.path.dirname(os.path.abspath(args.json))
+        section("sweep_24gb", lambda: sweep_24gb(device, workdir, out_dir, args.smoke))
+        section("sweep_24gb_sync", lambda: sweep_24gb(device, workdir, out_dir, args.smoke, ("--no-async-scheduling",),
+                                                      "gpu-sweep-24gb-sync"))
     checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]
     checks += [t.get("token_exact") for t in result.get("tiny_exact", []) if isinstance(t, dict)]
     result["all_ok"] = not failed and all(checks)

@@ -60,7 +60,8 @@ def cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vidya.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: str, smoke: bool) -> dict:
+def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: str, smoke: bool,
+                flags: tuple[str, ...] = (), name: str = "gpu-sweep-24gb") -> dict:
     import httpx
     import torch
     port = free_port()
@@ -83,7 +84,7 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
         server = subprocess.Popen([sys.executable, "-m", "vidya.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                    "--model", model_path, "--served-model-name", "llama3-8b-shape", "--load-format", "dummy",
                                    "--max-model-len", "1024", "--max-num-seqs", "256", "--no-tutor-warmup",
-                                   "--disable-uvicorn-access-log", *engine], stdout=log, stderr=subprocess.STDOUT)
+                                   "--disable-uvicorn-access-log", *engine, *flags], stdout=log, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
@@ -99,7 +100,7 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
                 raise RuntimeError(f"vidya serve not ready in 240 s: {open(log_path).read()[-3000:]}")
             time.sleep(0.5)
         startup = time.perf_counter() - t0
-        sweep_path = os.path.join(out_dir, "gpu-sweep-24gb.json")
+        sweep_path = os.path.join(out_dir, f"{name}.json")
         sweep = cli("bench", "sweep", "--base-url", root + "/v1", "--workload", workload, "--levels", levels,
                     *(["--requests-per-level", per_level] if per_level else []), "--json", sweep_path, timeout=300)
         if sweep.returncode != 0:
@@ -112,7 +113,7 @@ def sweep_24gb(model_path: str, vocab_size: int, device, workdir: str, out_dir: 
         server.wait(60)
     with open(sweep_path) as f:
         levels_out = json.load(f)["levels"]
-    return {"startup_s": startup, "parent_gpu_bytes": parent_bytes, "sweep_file": sweep_path, "levels": levels_out,
+    return {"flags": list(flags), "startup_s": startup, "parent_gpu_bytes": parent_bytes, "sweep_file": sweep_path, "levels": levels_out,
             "plan": json.loads(plan.stdout)}
 
 

@@ -98,6 +98,39 @@ def test_sampled_requests_and_a_tiny_pool_fall_back_to_scheduling_after_the_toke
     assert planned and engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("limit", [dict(max_num_seqs=2), dict(num_gpu_blocks_override=8)])
+def test_steps_are_planned_while_requests_wait_that_could_not_join(tiny_models, limit):
+    """More requests than `max_num_seqs`, or than the KV pool holds: while the running ones fill
+    it, the waiting ones could not join the next step, so it is planned all the same; a request
+    that ends by length frees its place (its seat, or its blocks) for the first waiting one at the
+    step it would join without planning (the same outputs at the same steps). One that stops on a token is found a step late, so the next joins a step
+    later: the same outputs, each request's in the same order."""
+    d = tiny_models["llama"][0]
+    by_length = [(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=10 + 2 * i)) for i, p in enumerate(PROMPTS)]
+    kw = dict(backend="torch", **limit)
+    expected = stream(make_engine(d, async_scheduling=False, **kw), by_length)
+    engine = make_engine(d, async_scheduling=True, **kw)
+    waited = []
+    plan = engine.scheduler.schedule_ahead
+
+    def planning(prev):
+        out = plan(prev)
+        if out is not None and engine.scheduler.waiting:
+            waited.append(len(engine.scheduler.waiting))
+        return out
+    engine.scheduler.schedule_ahead = planning
+    assert stream(engine, by_length) == expected
+    assert len(waited) > 5, waited  # planned while others waited
+    answer = greedy_answer(d, PROMPTS[2], 8)
+    by_token = by_length[:2] + [("stop", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=30,
+                                                                     stop_token_ids=[answer[4]]))] + by_length[2:]
+    want = stream(make_engine(d, async_scheduling=False, **kw), by_token)
+    got = stream(make_engine(d, async_scheduling=True, **kw), by_token)
+    assert want["stop"][-1][1][0][2] == "stop"
+    drop_steps = lambda seen: {rid: [out for _, *out in outs] for rid, outs in seen.items()}
+    assert drop_steps(got) == drop_steps(want)
+
+
 def test_an_abort_with_a_step_planned_ahead_loses_nothing_else(tiny_models):
     d = tiny_models["llama"][0]
     reqs = [(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=12)) for i, p in enumerate(PROMPTS[:3])]

@@ -114,33 +114,50 @@ class Scheduler:
 
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The step after `prev`, planned while `prev` runs, before its tokens are known (async
-        scheduling): when `prev` decodes every running request and nothing waits, each request
-        that cannot end by length at `prev` gets one more decode (its block allocated now, its
-        input the token `prev` samples, which the runner takes on the device). A request that
-        stops at `prev` on a token (EOS, a stop id or string) is found only after: its row of the
-        planned step runs, and `update_from_output` drops it (a finished request is skipped).
-        None when the step must be scheduled normally (then nothing was allocated)."""
+        scheduling): when `prev` decodes every running request and no waiting request could join
+        the next step (none waits, or `max_num_seqs` are running, or the blocks its prompt needs
+        would not be free even with those of the requests that end by length at `prev`), each
+        request that cannot end by length at `prev` gets one more decode (its block allocated
+        now, its input the token `prev` samples, which the runner takes on the device). A request
+        that stops at `prev` on a token (EOS, a stop id or string) is found only after: its row of
+        the planned step runs, and `update_from_output` drops it (a finished request is skipped;
+        its blocks come back a step later than without planning). None when the step must be
+        scheduled normally (then nothing was allocated)."""
         live = [s for s in prev.scheduled if not s.request.is_finished]
-        if self.waiting or not live or [s.request for s in live] != self.running:
+        if not live or [s.request for s in live] != self.running:
             return None
         if any(s.num_new_tokens != 1 or not s.samples for s in live):
             return None
-        bs, out, need = self.kv.block_size, SchedulerOutput(), 0
+        bs, out, need, ending = self.kv.block_size, SchedulerOutput(), 0, 0
         ahead = []
         for s in live:
             r = s.request
             if r.num_output_tokens + 1 >= r.max_tokens or r.num_tokens + 1 >= self.config.max_model_len:
-                continue  # its token at `prev` is its last
+                ending += len(self.kv.block_ids(r.request_id))  # (its token at `prev` is its last)
+                continue
             ahead.append(r)
             need += max(0, -(-(r.num_computed_tokens + 2) // bs) - len(self.kv.block_ids(r.request_id)))
         if not ahead or need > self.kv.pool.num_free_blocks:
             return None
+        if self.waiting and self._could_admit(len(ahead), self.kv.pool.num_free_blocks - need + ending):
+            return None  # it joins the next step, as without planning
         for r in ahead:
             if not self.kv.allocate_slots(r, 2):  # the token in flight and the one planned
                 raise AssertionError("the pool had the blocks counted a moment ago")
             out.scheduled.append(ScheduledRequest(r, 1, self.kv.block_ids(r.request_id), r.num_computed_tokens + 1))
         out.num_scheduled_tokens = len(out.scheduled)
         return out
+
+    def _could_admit(self, num_running: int, free_blocks: int) -> bool:
+        """Whether the first waiting request might join a step beside `num_running` decodes with
+        `free_blocks` free (an upper bound: prefix hits counted as if each were free to take)."""
+        budget = self.config.max_num_batched_tokens - num_running
+        if num_running >= self.config.max_num_seqs or budget <= 0:
+            return False
+        req = self.waiting[0]
+        hits, num_hit = self.kv.get_computed_blocks(req)
+        n = min(req.num_tokens - num_hit, budget)
+        return -(-(num_hit + n) // self.kv.block_size) - len(hits) + sum(b.ref_cnt == 0 for b in hits) <= free_blocks
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit from the front of the queue; returns the budget left."""

@@ -1,9 +1,11 @@
-"""Async scheduling (`--async-scheduling`, as vLLM's; on by default on a GPU): a greedy decode step is planned and launched before
-the step before it has brought its tokens to the host, its input tokens taken on the device, so a
-request that stops on a token (EOS, a stop id or string) has one more row run, which is dropped.
-Turned on here on CPU, the engine must give exactly what it gives without it: every output of
-every request in the same order, at the same step, and nothing left behind; the invariants
-(blocks held for the tokens computed, or planned) hold after every step."""
+"""Async scheduling (`--async-scheduling`, as vLLM's; on by default on a GPU): a greedy decode
+step is planned and launched before the step before it has brought its tokens to the host, its
+input tokens taken on the device, so a request that stops on a token (EOS, a stop id or string)
+has one more row run, which is dropped. Turned on here on CPU, the engine must give exactly what
+it gives without it: every output of every request in the same order, at the same step (but for
+a waiting request that joins on the seat or blocks of one that stopped on a token: a step
+later), and nothing left behind; the invariants (blocks held for the tokens computed, or
+planned) hold after every step."""
 from __future__ import annotations
 
 import pytest
@@ -103,10 +105,12 @@ def test_steps_are_planned_while_requests_wait_that_could_not_join(tiny_models, 
     """More requests than `max_num_seqs`, or than the KV pool holds: while the running ones fill
     it, the waiting ones could not join the next step, so it is planned all the same; a request
     that ends by length frees its place (its seat, or its blocks) for the first waiting one at the
-    step it would join without planning (the same outputs at the same steps). One that stops on a token is found a step late, so the next joins a step
-    later: the same outputs, each request's in the same order."""
+    step it would join without planning (the same outputs at the same steps). One that stops on a
+    token is found a step late, so the next joins a step later: the same outputs, each request's
+    in the same order."""
     d = tiny_models["llama"][0]
-    by_length = [(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=10 + 2 * i)) for i, p in enumerate(PROMPTS)]
+    by_length = [(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=10 + 2 * i))
+                 for i, p in enumerate(PROMPTS)]
     kw = dict(backend="torch", **limit)
     expected = stream(make_engine(d, async_scheduling=False, **kw), by_length)
     engine = make_engine(d, async_scheduling=True, **kw)

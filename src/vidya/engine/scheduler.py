@@ -121,25 +121,27 @@ class Scheduler:
         now, its input the token `prev` samples, which the runner takes on the device). A request
         that stops at `prev` on a token (EOS, a stop id or string) is found only after: its row of
         the planned step runs, and `update_from_output` drops it (a finished request is skipped;
-        its blocks come back a step later than without planning). None when the step must be
-        scheduled normally (then nothing was allocated)."""
+        its seat and blocks come back a step later than without planning, so a request waiting
+        for them joins a step later). None when the step must be scheduled normally (then nothing
+        was allocated)."""
         live = [s for s in prev.scheduled if not s.request.is_finished]
         if not live or [s.request for s in live] != self.running:
             return None
         if any(s.num_new_tokens != 1 or not s.samples for s in live):
             return None
-        bs, out, need, ending = self.kv.block_size, SchedulerOutput(), 0, 0
+        bs, out, need, freed = self.kv.block_size, SchedulerOutput(), 0, set()
         ahead = []
         for s in live:
             r = s.request
             if r.num_output_tokens + 1 >= r.max_tokens or r.num_tokens + 1 >= self.config.max_model_len:
-                ending += len(self.kv.block_ids(r.request_id))  # (its token at `prev` is its last)
+                # its token at `prev` is its last: the blocks no other request holds come back
+                freed.update(b.block_id for b in self.kv.req_blocks.get(r.request_id, ()) if b.ref_cnt == 1)
                 continue
             ahead.append(r)
             need += max(0, -(-(r.num_computed_tokens + 2) // bs) - len(self.kv.block_ids(r.request_id)))
         if not ahead or need > self.kv.pool.num_free_blocks:
             return None
-        if self.waiting and self._could_admit(len(ahead), self.kv.pool.num_free_blocks - need + ending):
+        if self.waiting and self._could_admit(len(ahead), self.kv.pool.num_free_blocks - need, freed):
             return None  # it joins the next step, as without planning
         for r in ahead:
             if not self.kv.allocate_slots(r, 2):  # the token in flight and the one planned
@@ -148,16 +150,19 @@ class Scheduler:
         out.num_scheduled_tokens = len(out.scheduled)
         return out
 
-    def _could_admit(self, num_running: int, free_blocks: int) -> bool:
-        """Whether the first waiting request might join a step beside `num_running` decodes with
-        `free_blocks` free (an upper bound: prefix hits counted as if each were free to take)."""
+    def _could_admit(self, num_running: int, free_blocks: int, freed: set[int]) -> bool:
+        """Whether the first waiting request could join a step beside `num_running` decodes with
+        `free_blocks` free and the blocks `freed` coming back, as `_admit_waiting` would take it:
+        a seat, the token budget, and the blocks of its first chunk (new ones, and its prefix hits
+        that no request will hold: each takes a block off the free queue)."""
         budget = self.config.max_num_batched_tokens - num_running
         if num_running >= self.config.max_num_seqs or budget <= 0:
             return False
         req = self.waiting[0]
         hits, num_hit = self.kv.get_computed_blocks(req)
         n = min(req.num_tokens - num_hit, budget)
-        return -(-(num_hit + n) // self.kv.block_size) - len(hits) + sum(b.ref_cnt == 0 for b in hits) <= free_blocks
+        taken = sum(b.ref_cnt == 0 or b.block_id in freed for b in hits)
+        return -(-(num_hit + n) // self.kv.block_size) - len(hits) + taken <= free_blocks + len(freed)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit from the front of the queue; returns the budget left."""

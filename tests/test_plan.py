@@ -67,6 +67,15 @@ def test_impossible_targets_say_so_and_name_the_closest_level(sweep_file):
     assert "NO level meets p99 TTFT <= 0.2 s" in r.stdout and "closest is concurrency 8" in r.stdout
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback(sweep_file):
+    """`vidya plan --sweep s.json --json | head -c 300`: the pipe closes before vidya writes."""
+    p = subprocess.Popen([sys.executable, "-m", "vidya.cli", "plan", "--sweep", sweep_file, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # (before the interpreter has even imported vidya)
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_bad_plan_input_is_a_clear_message(tmp_path, sweep_file):
     r = vidya("plan", "--sweep", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "cannot read sweep" in r.stderr and "vidya bench sweep" in r.stderr

@@ -189,14 +189,36 @@ def test_prompt_endpoints(server):
     r = httpx.get(server.url + "/tutor/system-prompt", params={"subject": "astrology", "klass": "10"})
     assert r.status_code == 400 and "unknown subject" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "subject"
-    # `class`, as the CLI's --class, is the same parameter; a class that does not exist names it
+    # `class`, as the CLI's --class, is the same parameter; a class that does not exist names the
+    # parameter it came in
     by_class = httpx.get(server.url + "/tutor/system-prompt", params={"subject": "maths", "class": "7"}).json()
     assert "कक्षा 7" in by_class["prompt"] and by_class != r_10
-    for params in ({"subject": "maths", "class": "99"}, {"subject": "maths", "klass": "abc"},
-                   {"subject": "maths", "class": "7", "klass": "8"}):
+    for params, param in (({"subject": "maths", "class": "99"}, "class"), ({"subject": "maths", "klass": "abc"}, "klass"),
+                          ({"subject": "maths", "class": "7", "klass": "8"}, "class")):
         r = httpx.get(server.url + "/tutor/system-prompt", params=params)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "class", (params, r.text)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (params, r.text)
     assert httpx.get(server.url + "/favicon.ico").status_code == 200
+
+
+def test_every_file_the_page_and_its_styles_name_is_served(server):
+    """Every script, stylesheet and font the page names, and every url() in its stylesheets (the
+    KaTeX fonts: the woff2 ones shipped, no fallbacks named that are not), answers 200."""
+    import re
+    from urllib.parse import urljoin
+    page = httpx.get(server.url + "/")
+    names = [urljoin(server.url + "/", u) for u in re.findall(r'(?:href|src)="([^"]+)"', page.text)]
+    seen = set()
+    for url in names:
+        r = httpx.get(url)
+        assert r.status_code == 200, url
+        seen.add(url)
+        if url.endswith(".css"):
+            for ref in re.findall(r"""url\(["']?([^)"']+)["']?\)""", r.text):
+                if not ref.startswith("data:"):
+                    font = urljoin(url, ref)
+                    assert httpx.get(font).status_code == 200, (url, ref)
+                    seen.add(font)
+    assert sum(u.endswith(".woff2") for u in seen) >= 20, sorted(seen)  # KaTeX's and the Devanagari ones
 
 
 def test_class_code_is_asked_once_and_kept(browser):

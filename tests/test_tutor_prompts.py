@@ -61,10 +61,36 @@ def test_vidya_chat_offline_answers_then_quits_on_an_empty_line(tiny_models):
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--model", tiny_models["llama"][0],
-                        "--max-tokens", "4", "--dtype", "float32"],
+                        "--max-tokens", "4", "--dtype", "float32", "--system", "You are a tutor."],
                        input="hello\n\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("शिक्षक> ") == 1 and r.stdout.count("छात्र> ") == 2
+    assert "(cut at the length limit)" in r.stdout  # 4 tokens of a random model: cut, and it says so
+
+
+def test_vidya_chat_offline_speaks_as_the_tutor_for_the_subject_and_class():
+    """Offline, as from a server: the tutor's system prompt for --subject and --class (the
+    default model's answer starts from it: the prompt is in the prefix the engine computed), and
+    a subject or class that does not exist is refused before a model is loaded."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--subject", "astrology"],
+                       input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown subject 'astrology'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "chat", "--class", "99", "--base-url", "http://127.0.0.1:9"],
+                       input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown class '99'" in r.stderr
+    code = ("import sys; from vidya import cli; from vidya.engine import llm_engine\n"
+            "seen = []; add = llm_engine.LLMEngine.add_request\n"
+            "def spy(self, rid, prompt, params): seen.append(self.tokenizer.decode(prompt)); return add(self, rid, prompt, params)\n"
+            "llm_engine.LLMEngine.add_request = spy\n"
+            "rc = cli.main(['chat', '--subject', 'maths', '--class', '7', '--max-tokens', '2', '--temperature', '0'])\n"
+            "print('PROMPT', repr(seen[0])); sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], input="2 + 2?\n\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import ast
+    shown = ast.literal_eval(r.stdout.split("PROMPT ", 1)[1].strip())
+    assert prompts.system_prompt("maths", "7") in shown and "2 + 2?" in shown
 
 
 def test_the_tutor_config_calls_a_small_model_a_demo(server):

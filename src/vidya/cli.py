@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", default=None, help="the server's API key (the class code), if it has one")
     chat.add_argument("--subject", default="science", help="science, maths, hindi, social or english")
     chat.add_argument("--class", dest="klass", default="8", help="6 to 12")
-    chat.add_argument("--system", default="You are a helpful Hindi study tutor. Answer in the student's language.")
+    chat.add_argument("--system", default=None,
+                      help="a system prompt of your own, in place of the tutor's for --subject and --class")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
     from vidya.bench.workload import num_prompts_arg
@@ -179,14 +180,16 @@ def run_chat(args) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not 0 <= args.temperature <= 2:
         raise ValueError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    from vidya.tutor import prompts
+    tutor_prompt = prompts.system_prompt(args.subject, args.klass)  # (an unknown one says what exists)
     if args.base_url:
         from vidya.tutor import terminal
         return terminal.run(args.base_url, args.api_key or os.environ.get("VIDYA_API_KEY"), args.subject,
-                            args.klass, args.system, args.max_tokens, args.temperature)
+                            args.klass, args.system, args.max_tokens, args.temperature, fallback_system=tutor_prompt)
     from vidya import LLM, SamplingParams
     llm = LLM(**dataclasses.asdict(engine_args(args)))
     engine = llm.engine
-    messages = [{"role": "system", "content": args.system}]
+    messages = [{"role": "system", "content": args.system or tutor_prompt}]
     print("vidya chat: type a question (Hindi or English); empty line or Ctrl-D to quit.")
     from vidya.tutor.terminal import read_question
     while (line := read_question()) is not None:
@@ -198,21 +201,31 @@ def run_chat(args) -> int:
             print(f"(conversation too long: {e}; starting over)")
             messages = messages[:1]
             continue
-        sent = ""
+        sent, reason = "", None
         print("शिक्षक> ", end="", flush=True)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.request_id == rid:
-                    text = out.outputs[0].text
+                    text, reason = out.outputs[0].text, out.outputs[0].finish_reason
                     print(text[len(sent):], end="", flush=True)
                     sent = text
-        print()
+        print("\n(cut at the length limit)" if reason == "length" else "")
         messages.append({"role": "assistant", "content": sent})
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        rc = run_command(args)
+        sys.stdout.flush()  # (here, where a closed pipe can be caught, not at exit)
+        return rc
+    except BrokenPipeError:  # `vidya plan --json | head`: the reader left; no traceback for it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run_command(args) -> int:
     try:
         if args.command == "serve":
             return run_serve(args)

@@ -61,5 +61,6 @@ def add_tutor_routes(app: FastAPI, model_name: str, engine=lambda: None) -> None
         try:
             subject_prompt = prompts.system_prompt(subject, class_ or klass or "8")
         except ValueError as e:
-            raise bad_request(str(e), param="subject" if subject not in prompts.subjects() else "class") from None
+            param = "subject" if subject not in prompts.subjects() else ("class" if class_ is not None else "klass")
+            raise bad_request(str(e), param=param) from None
         return {"prompt": subject_prompt}

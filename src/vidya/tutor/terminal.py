@@ -56,8 +56,10 @@ def _stream(client: httpx.Client, body: dict, out) -> tuple[str, str | None]:
     return text, reason
 
 
-def run(base_url: str, api_key: str | None, subject: str, klass: str, fallback_system: str,
-        max_tokens: int, temperature: float, model: str | None = None) -> int:
+def run(base_url: str, api_key: str | None, subject: str, klass: str, system: str | None,
+        max_tokens: int, temperature: float, model: str | None = None, fallback_system: str = "") -> int:
+    """Chat with a running server: `system` if given, else the server's tutor prompt for the
+    subject and class (`fallback_system` where the server has no tutor routes)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=_root(base_url), headers=headers, timeout=httpx.Timeout(600, connect=10)) as client:
         try:
@@ -68,7 +70,7 @@ def run(base_url: str, api_key: str | None, subject: str, klass: str, fallback_s
             raise ValueError(f"{base_url}/v1/models answered {models.status_code}"
                              + (": pass --api-key" if models.status_code == 401 else ""))
         model = model or models.json()["data"][0]["id"]
-        system = _system_prompt(client, subject, klass, fallback_system)
+        system = system or _system_prompt(client, subject, klass, fallback_system)
         history: list[dict] = []
         print(f"vidya chat: {model} at {_root(base_url)}; type a question (Hindi or English); empty line or Ctrl-D to quit.")
         while (line := read_question()) is not None:

@@ -5,6 +5,7 @@ Run: python -m vidya.tutor.vendor [NODE_MODULES]"""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 
@@ -54,6 +55,12 @@ def main(node_modules: str = "node_modules") -> int:
             return 2
         os.makedirs(os.path.dirname(os.path.join(VENDOR, dst)), exist_ok=True)
         shutil.copyfile(path, os.path.join(VENDOR, dst))
+    # the stylesheet names each font three times (woff2, woff, ttf); the woff2 alone is copied
+    css = os.path.join(VENDOR, "katex", "katex.min.css")
+    with open(css) as f:
+        text = re.sub(r',url\(fonts/[^)]*\.(?:woff|ttf)\) format\("(?:woff|truetype)"\)', "", f.read())
+    with open(css, "w") as f:
+        f.write(text)
     fonts = os.path.join(VENDOR, "katex", "fonts")
     shutil.rmtree(fonts, ignore_errors=True)
     shutil.copytree(os.path.join(node_modules, "katex", "dist", "fonts"), fonts,

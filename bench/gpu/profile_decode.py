@@ -119,13 +119,24 @@ def gemms(device: torch.device, dtype: torch.dtype, batch: int, shape: dict, smo
     return out
 
 
+def to_decoding(engine, batch: int, context: int, vocab_size: int) -> None:
+    """`batch` greedy requests of context/2 prompt tokens, stepped through their prefill and on
+    until their context is ~3/4 of `context`: the engine is then decoding all of them."""
+    from vidya.sampling_params import SamplingParams
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=context, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(None, [rng.randrange(3, vocab_size) for _ in range(context // 2)], params)
+    for _ in range(context // 4):
+        engine.step()
+
+
 def kernels(device: torch.device, batch: int, context: int, smoke: bool, workdir: str) -> dict:
     from transformers import LlamaConfig
 
     from vidya.config import EngineArgs
     from vidya.engine.llm_engine import LLMEngine
     from vidya.models.tiny import word_tokenizer
-    from vidya.sampling_params import SamplingParams
     shape = TOY if smoke else LLAMA3_8B
     config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, **shape)
@@ -135,12 +146,7 @@ def kernels(device: torch.device, batch: int, context: int, smoke: bool, workdir
         engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
                                       max_model_len=2 * context + 64, max_num_seqs=batch, enforce_eager=eager,
                                       gpu_memory_utilization=0.5, kv_cache_memory=0.1, show_progress=False))
-        rng = random.Random(0)
-        params = SamplingParams(temperature=0.0, max_tokens=context, ignore_eos=True)
-        for _ in range(batch):
-            engine.add_request(None, [rng.randrange(3, shape["vocab_size"]) for _ in range(context // 2)], params)
-        for _ in range(context // 4):  # prefill, then decodes until the context is ~3/4 of `context`
-            engine.step()
+        to_decoding(engine, batch, context, shape["vocab_size"])
         times = []
         for _ in range(10):
             t0 = time.perf_counter()
@@ -186,7 +192,6 @@ def served(device: torch.device, batch: int, context: int, smoke: bool, workdir:
     from vidya.config import EngineArgs
     from vidya.engine.llm_engine import LLMEngine
     from vidya.models.tiny import word_tokenizer
-    from vidya.sampling_params import SamplingParams
     shape = TOY if smoke else LLAMA3_8B
     config = LlamaConfig(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, **shape)
@@ -222,12 +227,7 @@ def served(device: torch.device, batch: int, context: int, smoke: bool, workdir:
                 with torch.profiler.record_function(f"vidya.{name}"):
                     return fn(*a, **k)
             setattr(obj, name, label)
-        rng = random.Random(0)
-        params = SamplingParams(temperature=0.0, max_tokens=context, ignore_eos=True)
-        for _ in range(batch):
-            engine.add_request(None, [rng.randrange(3, shape["vocab_size"]) for _ in range(context // 2)], params)
-        for _ in range(context // 4):  # prefill, then decodes until the context is ~3/4 of `context`
-            engine.step()
+        to_decoding(engine, batch, context, shape["vocab_size"])
         if cuda:
             torch.cuda.synchronize(device)
         marks.clear()

@@ -87,7 +87,10 @@ async def one(http: httpx.AsyncClient, kind: str, body: dict, cut: int | None) -
         return kind, 200
 
 
-HOLDER = {**GREEDY, "n": MAX_NUM_SEQS, "max_tokens": MAX_MODEL_LEN - 64, "temperature": 1.0, "seed": 0, "stream": True}
+# (its logprobs slow each of its steps, so that it still holds every slot when the whole burst has
+# arrived: without them, on a fast run its 448 steps could end first and no 429 would come back)
+HOLDER = {**GREEDY, "n": MAX_NUM_SEQS, "max_tokens": MAX_MODEL_LEN - 64, "temperature": 1.0, "seed": 0, "stream": True,
+          "logprobs": True, "top_logprobs": 2}
 
 
 async def burst(server, items: list[tuple[str, dict, int | None]]) -> list[tuple[str, int]]:
@@ -98,7 +101,7 @@ async def burst(server, items: list[tuple[str, dict, int | None]]) -> list[tuple
 
     async def hold(http: httpx.AsyncClient) -> None:
         async with http.stream("POST", "/v1/chat/completions", json=HOLDER) as r:
-            assert r.status_code == 200
+            assert r.status_code == 200, await r.aread()
             async for _ in r.aiter_lines():
                 if release.is_set():
                     return

@@ -71,6 +71,7 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert 0 < s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] and 0 < s["itl_s"]["p50"] <= s["itl_s"]["p99"]
     assert 0 < s["fraction_of_floor"] and s["decode_step_ms"] > s["host_ms_per_step"] > 0
     assert s["overlap_outputs"] and s["overlapped_host_ms_per_step"] > 0  # outputs built during the next step
+    assert s["async_scheduling"]  # as on a GPU: each step applied by the call after the one that planned it
     st = s["steady"]  # more requests than max_num_seqs: waiting ones join as others finish, beside decodes
     assert st["requests"] == 300 and st["output_tok_s"] > 0 and 64 < st["near_full_batch"] <= 256
     assert 0 < st["mixed_fraction"] < 1 and st["mixed_step_ms"] > 0 and st["decode_only_step_ms"] > 0

@@ -59,8 +59,9 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
-                                  overlap_outputs=True if smoke else None,  # (smoke: the GPU's bookkeeping on CPU)
-                                  async_scheduling=async_scheduling))
+                                  # (smoke: the GPU's defaults and their bookkeeping, on CPU)
+                                  overlap_outputs=True if smoke else None,
+                                  async_scheduling=True if smoke and async_scheduling is None else async_scheduling))
     startup = time.perf_counter() - t0
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)

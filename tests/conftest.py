@@ -3,6 +3,7 @@ Hugging Face directories (with the default model's tokenizer), and engine helper
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 
@@ -33,19 +34,31 @@ def cpu_best_isa_bound():
     yield
 
 
+class KernelLevel(NamedTuple):
+    isa: str  # the ISA level bound for the test
+    ops: object  # torch.ops.vidya, or torch.ops.vidya_emu (emulated)
+    emulated: bool
+
+
 @pytest.fixture(params=KERNEL_ISAS)
-def isa(request):
-    """Each ISA level this CPU can run, bound in the kernels for the test (then the CPU's best
-    again); a level above this CPU skips, saying so."""
+def kernel(request):
+    """Each ISA level the kernels have paths for, bound for the test (then the best again): on
+    this CPU where it has the level, else in the emulated build (AVX-512 and AMX in software,
+    vidya/kernels/cpu.py's emulated_ops()), so every path runs on every x86 machine with AVX2.
+    Skips, saying why, only where neither can run."""
     from vidya.kernels import cpu as kernels
     if not kernels.available():
         pytest.skip("vidya's C++ kernels did not build here (no compiler?)")
     have = kernels.cpu_level()
+    ops, emulated = torch.ops.vidya, False
     if have not in KERNEL_ISAS or not isa_at_least(have, request.param):
-        pytest.skip(f"this CPU offers {have}, not {request.param}")
-    assert kernels.bind_isa(request.param) == request.param
-    yield request.param
-    kernels.bind_isa(have)
+        ops, emulated = kernels.emulated_ops(), True
+        if ops is None:
+            pytest.skip(f"this CPU offers {have}, not {request.param}, and the emulated kernels did not build")
+    have = kernels.cpu_level(ops)
+    assert kernels.bind_isa(request.param, ops) == request.param
+    yield KernelLevel(request.param, ops, emulated)
+    kernels.bind_isa(have, ops)
 
 
 @pytest.fixture(scope="session")

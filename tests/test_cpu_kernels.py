@@ -1,8 +1,10 @@
-"""The C++ kernels against the pure-torch reference, at every ISA level this CPU can run (the
-`isa` fixture binds each in turn; levels above this CPU skip with the reason): paged attention
-(decode rows and prefill chunks, scattered block tables, contexts that end mid-block, every
-group size and head size, fp32, bf16, and fp32 rows over a bf16 cache), the prefill tiles, the
-fused layer ops, argmax, the 16-bit-weight matmul and the AMX matmuls."""
+"""The C++ kernels against the pure-torch reference, at every ISA level they have paths for (the
+`kernel` fixture binds each in turn: on this CPU where it has the level, else in the emulated
+build, which runs the AVX-512 BF16 and AMX paths in software on any x86 CPU with AVX2): paged
+attention (decode rows and prefill chunks, scattered block tables, contexts that end mid-block,
+every group size and head size, fp32, bf16, and fp32 rows over a bf16 cache), the prefill tiles,
+the fused layer ops, argmax, the 16-bit-weight matmul, the AMX matmuls and the fused decode
+stack; and, where the CPU has a level itself, the emulation against the hardware."""
 from __future__ import annotations
 
 import pytest
@@ -14,8 +16,6 @@ from vidya.attention.paged import decode_attention, prefill_attention
 from vidya.kernels import cpu as kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
-amx_only = pytest.mark.skipif(not (kernels.available() and kernels.cpu_level() == "amx"),
-                              reason="no AMX on this CPU (or the OS did not grant it)")
 
 
 def case(heads: int, kv_heads: int, head_dim: int, dtype, seed: int, block_size: int = 16, q_dtype=None):
@@ -30,8 +30,9 @@ def case(heads: int, kv_heads: int, head_dim: int, dtype, seed: int, block_size:
                                                (torch.bfloat16, torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 8, 64), (32, 8, 128), (16, 2, 64),
                                                      (4, 2, 32), (12, 1, 80)])
-def test_kernel_matches_reference(isa, dtype, q_dtype, tol, heads, kv_heads, head_dim):
+def test_kernel_matches_reference(kernel, dtype, q_dtype, tol, heads, kv_heads, head_dim):
     """dtype is the cache's; q_dtype the rows' (fp32 rows over a bf16 cache: CPUs without bf16 math)."""
+    ops = kernel.ops
     g, k_cache, v_cache = case(heads, kv_heads, head_dim, dtype, seed=heads * 100 + head_dim)
     scale = head_dim ** -0.5
     # three decodes (contexts 1, 17 and 70) and one prefill chunk of 9 queries ending at 41
@@ -45,7 +46,7 @@ def test_kernel_matches_reference(isa, dtype, q_dtype, tol, heads, kv_heads, hea
     q = torch.cat([q_dec, q_pre])
     row_seq = torch.tensor([0, 1, 2] + [3] * 9)
     row_ctx = torch.tensor(decode_lens + list(range(33, 42)))
-    out = torch.ops.vidya.paged_attention(q, k_cache, v_cache, torch.stack(tables), row_seq, row_ctx, scale)
+    out = ops.paged_attention(q, k_cache, v_cache, torch.stack(tables), row_seq, row_ctx, scale)
     assert out.dtype == q_dtype
     torch.testing.assert_close(out[:3].float(), ref_dec.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(out[3:].float(), ref_pre.float(), atol=tol, rtol=tol)
@@ -53,10 +54,11 @@ def test_kernel_matches_reference(isa, dtype, q_dtype, tol, heads, kv_heads, hea
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
 @pytest.mark.parametrize("chunks", [[(0, 37)], [(0, 16), (5, 3), (20, 50)], [(30, 17), (0, 1), (64, 33)]])
-def test_prefill_tiles_match_reference(isa, heads, kv_heads, head_dim, chunks):
+def test_prefill_tiles_match_reference(kernel, heads, kv_heads, head_dim, chunks):
     """Chunks of consecutive rows (tiles of 16 and their remainders, odd and even context ends,
     chunks that start after cached tokens, a 1-row and a 3-row chunk that go row by row): the
     AVX-512 BF16 tiles, and the AMX ones at that level."""
+    isa, ops = kernel.isa, kernel.ops
     if not isa_at_least(isa, "avx512_bf16"):
         pytest.skip(f"prefill tiles run on AVX-512 BF16 and AMX; at {isa} bf16 rows go one by one "
                     f"(test_kernel_matches_reference covers that path)")
@@ -71,7 +73,7 @@ def test_prefill_tiles_match_reference(isa, heads, kv_heads, head_dim, chunks):
         refs.append(prefill_attention(q, k_cache, v_cache, tables[i], start + n, scale))
         row_seq += [i] * n
         row_ctx += list(range(start + 1, start + n + 1))
-    out = torch.ops.vidya.paged_attention(torch.cat(qs), k_cache, v_cache, torch.stack(tables),
+    out = ops.paged_attention(torch.cat(qs), k_cache, v_cache, torch.stack(tables),
                                           torch.tensor(row_seq), torch.tensor(row_ctx), scale)
     torch.testing.assert_close(out.float(), torch.cat(refs).float(), atol=2e-2, rtol=2e-2)
 
@@ -86,7 +88,8 @@ def test_kernel_rejects_bad_input():
 
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float32, torch.bfloat16)])
-def test_fused_layer_ops_match_the_torch_ops_they_replace(isa, dtype, cache_dtype):
+def test_fused_layer_ops_match_the_torch_ops_they_replace(kernel, dtype, cache_dtype):
+    ops = kernel.ops
     import torch.nn.functional as F
 
     from vidya.models.rope import apply_rotary
@@ -96,15 +99,15 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(isa, dtype, cache_dtyp
     x, res, w = (torch.randn(*shape, generator=g).to(dtype) for shape in ((rows, hidden), (rows, hidden), (hidden,)))
     norm = lambda h: rms_norm(h, w, 1e-5)
     x2, res2 = x.clone(), res.clone()
-    torch.ops.vidya.add_rms_norm_(x2, res2, w, 1e-5)
+    ops.add_rms_norm_(x2, res2, w, 1e-5)
     assert torch.equal(res2, res + x)  # the residual sum is exact
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # the mean of squares is summed in another order
     torch.testing.assert_close(x2, norm(res + x), atol=tol, rtol=tol)
-    torch.testing.assert_close(torch.ops.vidya.rms_norm(x, w, 1e-5), norm(x), atol=tol, rtol=tol)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), norm(x), atol=tol, rtol=tol)
 
     gate_up = torch.randn(rows, 2 * inter, generator=g).to(dtype)
     gate, up = gate_up.split(inter, dim=-1)
-    torch.testing.assert_close(torch.ops.vidya.silu_and_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
+    torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
 
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
     cos, sin = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype)
@@ -114,7 +117,7 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(isa, dtype, cache_dtyp
     k_cache = torch.zeros(8, 16, kv_heads, d, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(8 * 16, generator=g)[:rows]
-    torch.ops.vidya.rotary_cache_(out, cos, sin, heads, kv_heads, d, k_cache, v_cache, slots)
+    ops.rotary_cache_(out, cos, sin, heads, kv_heads, d, k_cache, v_cache, slots)
     assert torch.equal(out[:, :heads * d].view(rows, heads, d), ref_q)
     assert torch.equal(out[:, heads * d:(heads + kv_heads) * d].view(rows, kv_heads, d), ref_k)
     assert torch.equal(out[:, (heads + kv_heads) * d:], v)  # v untouched
@@ -125,13 +128,14 @@ def test_fused_layer_ops_match_the_torch_ops_they_replace(isa, dtype, cache_dtyp
     untouched[slots] = False
     assert not k_cache.view(-1, kv_heads, d)[untouched].any() and not v_cache.view(-1, kv_heads, d)[untouched].any()
     with pytest.raises(RuntimeError, match="outside the cache"):
-        torch.ops.vidya.rotary_cache_(qkv.clone(), cos, sin, heads, kv_heads, d, k_cache, v_cache,
+        ops.rotary_cache_(qkv.clone(), cos, sin, heads, kv_heads, d, k_cache, v_cache,
                                       torch.full((rows,), 8 * 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_argmax_rows_is_torch_max_indices(isa, dtype):
+def test_argmax_rows_is_torch_max_indices(kernel, dtype):
     """First maximum of each row, ties included (greedy sampling must match argmax exactly)."""
+    ops = kernel.ops
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 49152 + 7, generator=g).to(dtype)
     x[3, 100] = x[3, 900] = x[3].max() + 1  # a tie: the first wins
@@ -139,8 +143,8 @@ def test_argmax_rows_is_torch_max_indices(isa, dtype):
     x[6] = 0.0  # all equal
     x[7, :] = float("-inf")
     ref = x.max(dim=-1).indices
-    assert torch.equal(torch.ops.vidya.argmax_rows(x), ref)
-    assert torch.equal(torch.ops.vidya.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
+    assert torch.equal(ops.argmax_rows(x), ref)
+    assert torch.equal(ops.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
 
 
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64, 96, 97, 300])
@@ -176,57 +180,137 @@ def test_linear_w16_rejects_what_it_cannot_run():
         torch.ops.vidya.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(4, 8)), None, 40)
 
 
-@amx_only
+@pytest.mark.parametrize("kernel", ["amx"], indirect=True)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64])
 @pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
                                                            (48, 64, True)])
-def test_amx_linear_matches_linear(rows, out_features, in_features, bias):
+def test_amx_linear_matches_linear(kernel, rows, out_features, in_features, bias):
     """The decode-step matmul: fp32 accumulation rounded once to bf16, as F.linear in fp32 then
     rounded (within one bf16 rounding step: the sums run in another order)."""
+    ops = kernel.ops
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
     b = torch.randn(out_features, generator=g).to(torch.bfloat16) if bias else None
-    y = torch.ops.vidya.amx_linear(x, torch.ops.vidya.amx_pack(w), b)
+    y = ops.amx_linear(x, ops.amx_pack(w), b)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=8e-3)
     # a strided view of x (the rows of a bigger batch) gives the same
     wide = torch.cat([x, x], dim=1)[:, :in_features]
-    assert torch.equal(torch.ops.vidya.amx_linear(wide, torch.ops.vidya.amx_pack(w), b), y)
+    assert torch.equal(ops.amx_linear(wide, ops.amx_pack(w), b), y)
 
 
-@amx_only
-def test_amx_linear_rejects_what_it_cannot_run():
+@pytest.mark.parametrize("kernel", ["amx"], indirect=True)
+def test_amx_linear_rejects_what_it_cannot_run(kernel):
+    ops = kernel.ops
     w = torch.randn(32, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="N % 16 == 0"):
-        torch.ops.vidya.amx_pack(torch.randn(30, 64).to(torch.bfloat16))
+        ops.amx_pack(torch.randn(30, 64).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="M <= 64"):
-        torch.ops.vidya.amx_linear(torch.randn(65, 64).to(torch.bfloat16), torch.ops.vidya.amx_pack(w), None)
+        ops.amx_linear(torch.randn(65, 64).to(torch.bfloat16), ops.amx_pack(w), None)
 
 
-@amx_only
+@pytest.mark.parametrize("kernel", ["amx"], indirect=True)
 @pytest.mark.parametrize("rows", [1, 16, 17, 40, 64])
-def test_amx_linear_silu_is_silu_and_mul_of_amx_linear(rows):
+def test_amx_linear_silu_is_silu_and_mul_of_amx_linear(kernel, rows):
     """The decode MLP's gate_up with SiLU * up in its epilogue: bit-identical to the two ops."""
+    ops = kernel.ops
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(2 * 1536, 576, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
-    packed = torch.ops.vidya.amx_pack(w)
-    want = torch.ops.vidya.silu_and_mul(torch.ops.vidya.amx_linear(x, packed, None))
-    assert torch.equal(torch.ops.vidya.amx_linear_silu(x, packed), want)
+    packed = ops.amx_pack(w)
+    want = ops.silu_and_mul(ops.amx_linear(x, packed, None))
+    assert torch.equal(ops.amx_linear_silu(x, packed), want)
 
 
-@amx_only
+@pytest.mark.parametrize("kernel", ["amx"], indirect=True)
 @pytest.mark.parametrize("rows", [1, 16, 33, 64])
-def test_amx_linear_argmax_is_argmax_of_the_bf16_logits(rows):
+def test_amx_linear_argmax_is_argmax_of_the_bf16_logits(kernel, rows):
     """lm_head + greedy pick in one pass: the ids argmax_rows gives on the bf16 logits, ties
     (a duplicated weight row) resolved to the first column."""
+    ops = kernel.ops
     g = torch.Generator().manual_seed(rows + 5)
     w = (torch.randn(49152, 576, generator=g) * 0.05).to(torch.bfloat16)
     w[40000] = w[123]  # the same logit twice: the first column wins
     x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
     x[0] = w[123] * 10  # row 0's maximum is at 123 and 40000
-    packed = torch.ops.vidya.amx_pack(w)
-    want = torch.ops.vidya.argmax_rows(torch.ops.vidya.amx_linear(x, packed, None))
+    packed = ops.amx_pack(w)
+    want = ops.argmax_rows(ops.amx_linear(x, packed, None))
     assert want[0] == 123
-    assert torch.equal(torch.ops.vidya.amx_linear_argmax(x, packed), want)
+    assert torch.equal(ops.amx_linear_argmax(x, packed), want)
+
+
+@pytest.mark.parametrize("kernel", ["amx"], indirect=True)
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_decode_layers_is_the_layers_one_op_at_a_time(kernel, qkv_bias):
+    """The fused decode stack (every layer of a decode step in one call) against the same ops
+    called one at a time from Python, as the unfused layer does: the same outputs and caches, bit
+    for bit (two layers, decode rows at contexts that start, cross and end blocks)."""
+    ops = kernel.ops
+    g = torch.Generator().manual_seed(11 + qkv_bias)
+    L, hidden, inter, heads, kv_heads, d, bs, eps = 2, 256, 512, 4, 2, 64, 16, 1e-5
+    bf = lambda *shape, s=0.05: (torch.randn(*shape, generator=g) * s).to(torch.bfloat16)
+    ln1 = [1 + bf(hidden) for _ in range(L)]
+    ln2 = [1 + bf(hidden) for _ in range(L)]
+    qkv = [ops.amx_pack(bf((heads + 2 * kv_heads) * d, hidden)) for _ in range(L)]
+    bias = [bf((heads + 2 * kv_heads) * d, s=0.5) for _ in range(L)] if qkv_bias else []
+    o = [ops.amx_pack(bf(hidden, heads * d)) for _ in range(L)]
+    gate_up = [ops.amx_pack(bf(2 * inter, hidden)) for _ in range(L)]
+    down = [ops.amx_pack(bf(hidden, inter)) for _ in range(L)]
+    ctx = [1, 7, 16, 17, 40]
+    m = len(ctx)
+    tables = torch.stack([torch.randperm(16, generator=g)[:3] for _ in range(m)])
+    slots = torch.tensor([int(tables[i, (c - 1) // bs]) * bs + (c - 1) % bs for i, c in enumerate(ctx)])
+    row_seq, row_ctx = torch.arange(m), torch.tensor(ctx)
+    k_caches = [bf(16, bs, kv_heads, d, s=1.0) for _ in range(L)]
+    v_caches = [bf(16, bs, kv_heads, d, s=1.0) for _ in range(L)]
+    x = bf(m, hidden, s=1.0)
+    cos, sin = bf(m, d, s=1.0), bf(m, d, s=1.0)
+
+    kc, vc = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
+    out, res = ops.decode_layers(x.clone(), cos, sin, ln1, qkv, bias, o, ln2, gate_up, down, kc, vc, slots,
+                                 tables, row_seq, row_ctx, heads, kv_heads, d, eps, d ** -0.5)
+
+    residual = x.clone()
+    h = ops.rms_norm(residual, ln1[0], eps)
+    for i in range(L):
+        if i > 0:
+            ops.add_rms_norm_(h, residual, ln1[i], eps)
+        fused = ops.amx_linear(h, qkv[i], bias[i] if qkv_bias else None)
+        ops.rotary_cache_(fused, cos, sin, heads, kv_heads, d, k_caches[i], v_caches[i], slots)
+        q = fused[:, :heads * d].view(m, heads, d)
+        attn = ops.paged_attention(q, k_caches[i], v_caches[i], tables, row_seq, row_ctx, d ** -0.5)
+        h = ops.amx_linear(attn.view(m, heads * d), o[i], None)
+        ops.add_rms_norm_(h, residual, ln2[i], eps)
+        h = ops.amx_linear(ops.amx_linear_silu(h, gate_up[i]), down[i], None)
+    assert torch.equal(out, h) and torch.equal(res, residual)
+    assert all(torch.equal(a, b) for a, b in zip(kc + vc, k_caches + v_caches))
+
+
+@pytest.mark.parametrize("level", ["avx512_bf16", "amx"])
+def test_the_emulated_kernels_agree_with_the_cpu_that_has_the_level(level):
+    """Where this CPU has the level itself, the emulated build (which the `kernel` fixture uses on
+    CPUs without it) gives what the hardware gives: paged attention's rows and tiles, and at AMX
+    the matmul, up to the order of the hardware's sums."""
+    from conftest import KERNEL_ISAS, isa_at_least
+    have = kernels.cpu_level()
+    if have not in KERNEL_ISAS or not isa_at_least(have, level):
+        pytest.skip(f"this CPU offers {have}, not {level}: nothing to check the emulation against")
+    emu = kernels.emulated_ops()
+    assert emu is not None, "the emulated kernels did not build on an x86 CPU with AVX2"
+    g, k_cache, v_cache = case(8, 2, 128, torch.bfloat16, seed=5)
+    tables = torch.stack([torch.randperm(64, generator=g)[:6] for _ in range(3)])
+    q = torch.randn(3 + 20, 8, 128, generator=g).to(torch.bfloat16)
+    row_seq = torch.tensor([0, 1, 2] + [2] * 20)
+    row_ctx = torch.tensor([5, 33, 70] + list(range(71, 91)))
+    outs = []
+    for ops in (torch.ops.vidya, emu):
+        assert kernels.bind_isa(level, ops) == level
+        outs.append(ops.paged_attention(q, k_cache, v_cache, tables, row_seq, row_ctx, 128 ** -0.5))
+        if level == "amx":
+            w = (torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.05).to(torch.bfloat16)
+            outs.append(ops.amx_linear(q.view(-1, 1024)[:, :512].contiguous(), ops.amx_pack(w), None))
+        kernels.bind_isa(kernels.cpu_level(ops), ops)
+    half = len(outs) // 2
+    for hw, sw in zip(outs[:half], outs[half:]):
+        torch.testing.assert_close(sw.float(), hw.float(), atol=1e-2, rtol=1e-2)

@@ -4,7 +4,12 @@ csrc/registry.cpp includes each job's files (attention, elementwise, GEMM), and 
 (csrc/x86/, one file per ISA where kernels differ) only on x86; adding an ISA is adding files
 there and their includes. Where no compiler is available, `available()` is False (with one
 warning) and vidya/platform.py picks the torch reference ops instead. Nothing here decides which
-ISA runs: platform.py binds that once (`bind_isa`)."""
+ISA runs: platform.py binds that once (`bind_isa`).
+
+For the tests, `emulated_ops()` builds the same sources a second time with csrc/x86/emulated.h:
+the AVX-512 BF16 and AMX paths with those instructions done in software, registered as
+torch.ops.vidya_emu (the C++ namespace renamed too, so the two builds share no symbol), so that
+every kernel path is compared with the torch reference on any x86 CPU with AVX2."""
 from __future__ import annotations
 
 import glob
@@ -31,19 +36,30 @@ def available() -> bool:
         return _state["ok"]
 
 
-def cpu_level() -> str:
-    """The best ISA level the kernels can use here (AMX only where the OS granted tile state)."""
-    level = int(torch.ops.vidya.cpu_isa())
+def emulated_ops():
+    """torch.ops.vidya_emu: the kernels with AVX-512 and AMX emulated (tests only; slow), whose
+    CPU offers every level; None where they cannot build (not x86, no AVX2, no compiler)."""
+    with _lock:
+        if "emulated" not in _state:
+            from vidya.platform import ISAS, cpu_isa
+            _state["emulated"] = ISAS.index(cpu_isa()) <= ISAS.index("avx2") and _build(emulated=True)
+        return torch.ops.vidya_emu if _state["emulated"] else None
+
+
+def cpu_level(ops=None) -> str:
+    """The best ISA level the kernels can use here (AMX only where the OS granted tile state);
+    `ops`: another build's namespace (emulated_ops())."""
+    level = int((ops or torch.ops.vidya).cpu_isa())
     return next(name for name, n in LEVELS.items() if n == level)
 
 
-def bind_isa(isa: str) -> str:
+def bind_isa(isa: str, ops=None) -> str:
     """Bind the level every kernel may use (at most what the CPU has); returns the bound one."""
-    level = int(torch.ops.vidya.bind_isa(LEVELS[isa]))
+    level = int((ops or torch.ops.vidya).bind_isa(LEVELS[isa]))
     return next(name for name, n in LEVELS.items() if n == level)
 
 
-def _build() -> bool:
+def _build(emulated: bool = False) -> bool:
     try:
         from torch.utils.cpp_extension import load
         # torch rebuilds when the .cpp changes but not the headers it includes: name the build
@@ -52,11 +68,18 @@ def _build() -> bool:
         for path in sorted(glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True)):
             with open(path, "rb") as f:
                 digest.update(path.removeprefix(CSRC).encode() + f.read())
-        load(name=f"vidya_cpu_kernels_{digest.hexdigest()[:12]}", sources=[SOURCE], extra_include_paths=[CSRC],
-             is_python_module=False, verbose=False, with_cuda=False,
-             extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_ldflags=["-fopenmp"])
+        flags = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+        if emulated:  # `vidya` is the op library's name and the C++ namespace: both become vidya_emu
+            flags += ["-DVIDYA_EMULATE=1", "-Dvidya=vidya_emu", "-mavx2", "-mfma", "-mf16c", "-Wno-psabi"]
+        load(name=f"vidya_cpu_kernels_{'emulated_' if emulated else ''}{digest.hexdigest()[:12]}", sources=[SOURCE],
+             extra_include_paths=[CSRC], is_python_module=False, verbose=False, with_cuda=False,
+             extra_cflags=flags, extra_ldflags=["-fopenmp"])
         return True
     except Exception as e:  # no compiler, no headers: the reference still serves, slower
+        if emulated:
+            print(f"vidya: warning: the emulated kernels did not build ({type(e).__name__}: {str(e)[:2000]})",
+                  file=sys.stderr)
+            return False
         print(f"vidya: warning: C++ CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "
               f"using the torch reference ops", file=sys.stderr)
         return False

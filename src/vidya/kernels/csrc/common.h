@@ -12,6 +12,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define VIDYA_X86 1
 #include <immintrin.h>
+#if VIDYA_EMULATE
+#include "x86/emulated.h"  // the tests' build: AVX-512 and AMX in software (vidya/kernels/cpu.py)
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
@@ -37,7 +40,9 @@ enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx
 // The best level this CPU (and, for AMX, the OS) offers.
 inline int64_t cpu_isa() {
   static const int64_t level = [] {
-#if VIDYA_X86
+#if VIDYA_EMULATE
+    return int64_t(kAmx);  // every level, in software
+#elif VIDYA_X86
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return int64_t(kGeneric);
     if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))

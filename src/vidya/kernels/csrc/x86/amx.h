@@ -4,7 +4,9 @@
 
 namespace vidya {
 
+#ifndef VIDYA_AMX  // (x86/emulated.h defines it empty)
 #define VIDYA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#endif
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};

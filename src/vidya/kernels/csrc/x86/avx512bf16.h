@@ -5,7 +5,9 @@
 namespace vidya {
 
 // ---- bf16 on AVX-512 BF16 (VDPBF16PS): the hot path on CPUs that have it ----------------------
+#ifndef VIDYA_AVX512BF16  // (x86/emulated.h defines it empty)
 #define VIDYA_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+#endif
 
 VIDYA_AVX512BF16 inline __m512 exp512(__m512 x) {
   // exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2; degree-6 polynomial for e^r.

@@ -143,6 +143,8 @@ class Wide16Ops(CpuOps):
 
     def linear(self, lin, x):
         return torch.ops.vidya.linear_w16(x, lin.w16, lin.bias, lin.out_features)
+
+
 class OneDnnOps(CpuOps):
     """bf16 with every projection prepacked for oneDNN (re-laying out the weight on every call
     dominates the decode steps of a small model); big batches run gate and up as two oneDNN

@@ -314,3 +314,19 @@ def test_the_emulated_kernels_agree_with_the_cpu_that_has_the_level(level):
     half = len(outs) // 2
     for hw, sw in zip(outs[:half], outs[half:]):
         torch.testing.assert_close(sw.float(), hw.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_the_sources_compile_for_a_cpu_that_is_not_x86():
+    """What an ARM machine builds: every x86 file and intrinsic left out (VIDYA_X86 = 0), the
+    portable kernels only. Checked here by compiling the sources as if not on x86 (syntax and
+    types; -DVIDYA_NOT_X86), so an x86-only line outside its guard fails on every machine."""
+    import shutil
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "the kernels built, so a C++ compiler is here"
+    out = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-fopenmp", "-DVIDYA_NOT_X86",
+                          *[f"-I{p}" for p in include_paths()], f"-I{kernels.CSRC}", kernels.SOURCE],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]

@@ -9,7 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// (VIDYA_NOT_X86: compile as a CPU without x86 would, to check that build on x86; tests only)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(VIDYA_NOT_X86)
 #define VIDYA_X86 1
 #include <immintrin.h>
 #if VIDYA_EMULATE

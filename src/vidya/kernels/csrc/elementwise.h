@@ -1,6 +1,7 @@
 // The fused elementwise ops of a decoder layer (add + RMSNorm, SiLU * up, RoPE + KV-cache write)
 // and the argmax of logits rows; each matches the unfused torch ops it replaces.
 #if VIDYA_X86
+#include "x86/elementwise_avx2.h"
 #include "x86/elementwise_avx512bf16.h"
 #endif
 #pragma once
@@ -30,8 +31,8 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
           add_rms_norm_row_bf16(xr, rr, wp, n, static_cast<float>(eps), add, h.data());
           continue;
         }
-#endif
       }
+#endif
       float ss = 0.f;
       for (int64_t i = 0; i < n; ++i) {
         float v = add ? round_as<T>(to_f(rr[i]) + to_f(xr[i])) : to_f(xr[i]);
@@ -63,8 +64,14 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
           silu_and_mul_row_bf16(g, u, o, n);
           continue;
         }
-#endif
       }
+      if constexpr (std::is_same_v<T, float>) {
+        if (isa_at_least(kAvx2)) {
+          silu_and_mul_row_f32(g, u, o, n);
+          continue;
+        }
+      }
+#endif
       for (int64_t i = 0; i < n; ++i) {
         const float x = to_f(g[i]);
         o[i] = from_f<T>(round_as<T>(x / (1.f + std::exp(-x))) * to_f(u[i]));
@@ -110,8 +117,8 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
           write_kv(r);
           continue;
         }
-#endif
       }
+#endif
       for (int64_t h = 0; h < heads; ++h) {
         T* x = p + r * qs + h * D;
         for (int64_t i = 0; i < half; ++i) {

@@ -56,6 +56,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   AttendTileBF16 tile = nullptr;
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>)
     if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = pick_tile_kernel(D, BS);
+  const bool avx2_rows = isa_at_least(kAvx2) && D % 8 == 0;  // fp32 rows over a bf16 cache
 #else
   const void* tile = nullptr;
 #endif
@@ -101,6 +102,13 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
         if (fast) {
           fast(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, D, BS, KVH,
                static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
+          continue;
+        }
+      }
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, at::BFloat16>) {
+        if (avx2_rows) {
+          attend_row_avx2(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS, KVH,
+                          static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
           continue;
         }
       }

@@ -330,3 +330,32 @@ def test_the_sources_compile_for_a_cpu_that_is_not_x86():
                           *[f"-I{p}" for p in include_paths()], f"-I{kernels.CSRC}", kernels.SOURCE],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype,q_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+                                               (torch.bfloat16, torch.float32, 1e-5)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 2, 32)])
+@pytest.mark.parametrize("window", [1, 5, 16, 20])
+def test_sliding_window_rows_match_reference(kernel, dtype, q_dtype, tol, heads, kv_heads, head_dim, window):
+    """A sliding-window layer's rows (Gemma 3's local layers): each sees its last `window` keys,
+    windows that start mid-block, on a block boundary, and contexts shorter than the window; a
+    prefill chunk's rows go one by one (no tiles) and match the reference too."""
+    ops = kernel.ops
+    g, k_cache, v_cache = case(heads, kv_heads, head_dim, dtype, seed=window * 31 + head_dim)
+    scale = head_dim ** -0.5
+    decode_lens = [1, 4, 17, 32, 70]
+    tables = [torch.randperm(64, generator=g)[:5] for _ in range(len(decode_lens) + 1)]
+    q_dec = torch.randn(len(decode_lens), heads, head_dim, generator=g).to(dtype).to(q_dtype)
+    q_pre = torch.randn(18, heads, head_dim, generator=g).to(dtype).to(q_dtype)
+    ref_dec = decode_attention(q_dec, k_cache, v_cache, torch.stack(tables[:-1]), torch.tensor(decode_lens),
+                               max(decode_lens), scale, window)
+    ref_pre = prefill_attention(q_pre, k_cache, v_cache, tables[-1], 41, scale, window)
+    n = len(decode_lens)
+    out = ops.paged_attention(torch.cat([q_dec, q_pre]), k_cache, v_cache, torch.stack(tables),
+                              torch.tensor(list(range(n)) + [n] * 18), torch.tensor(decode_lens + list(range(24, 42))),
+                              scale, window)
+    torch.testing.assert_close(out[:n].float(), ref_dec.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out[n:].float(), ref_pre.float(), atol=tol, rtol=tol)
+    with pytest.raises(RuntimeError, match="window"):
+        ops.paged_attention(q_dec, k_cache, v_cache, torch.stack(tables[:-1]), torch.arange(n),
+                            torch.tensor(decode_lens), scale, -1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidya.attention.paged import attend, prefill_attention
+from vidya.attention.paged import prefill_attention
 from vidya.ops.torch_ops import TorchOps
 from vidya.platform import return_freed_memory
 
@@ -64,13 +64,13 @@ class CpuOps(TorchOps):
         torch.ops.vidya.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
                                       meta.slot_mapping)
         q = qkv[:, :h * d].view(qkv.shape[0], h, d)
-        if attn.sliding_window is not None:  # the kernels attend from position 0: the reference here
-            return attend(q, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window).reshape(qkv.shape[0], h * d)
-        if not self.sdpa_prefill:
+        window = attn.sliding_window or 0  # (a sliding-window layer's rows see their last `window` keys)
+        if not self.sdpa_prefill and not window:
             out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
                                                   meta.row_ctx, attn.scale)
             return out.view(qkv.shape[0], h * d)
-        # rows before `cut` (decodes and short chunks) row by row in C++; long chunks on SDPA
+        # rows before `cut` (decodes and short chunks) row by row in C++; long chunks on SDPA (and
+        # in a sliding-window layer, where the kernels' tiles do not apply)
         starts, long = meta.query_starts, []
         for i in range(len(starts) - 2, meta.num_decodes - 1, -1):
             if starts[i + 1] - starts[i] < self.SDPA_MIN_ROWS:
@@ -80,11 +80,11 @@ class CpuOps(TorchOps):
         out = q.new_empty(q.shape)
         if cut:
             out[:cut] = torch.ops.vidya.paged_attention(q[:cut], kv_cache[0], kv_cache[1], meta.block_tables,
-                                                        meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale)
+                                                        meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale, window)
         for i in long:
             a, b = starts[i], starts[i + 1]
             out[a:b] = prefill_attention(q[a:b], kv_cache[0], kv_cache[1], meta.block_tables[i],
-                                         int(meta.row_ctx[b - 1]), attn.scale)
+                                         int(meta.row_ctx[b - 1]), attn.scale, attn.sliding_window)
         return out.view(qkv.shape[0], h * d)
 
     def first_max(self, logits):

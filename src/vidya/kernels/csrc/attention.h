@@ -6,6 +6,8 @@
 //   block_tables [S, W] int64       block ids of each sequence
 //   row_seq      [T] int64          which sequence (row of block_tables) a query row belongs to
 //   row_ctx      [T] int64          how many cached tokens the row attends to (its position + 1)
+//   window       > 0: the row sees only its last `window` positions (a sliding-window layer);
+//                such rows go one by one (the tiles assume every row starts at position 0)
 // Work item = (row, kv head): the G = H / KVH query heads that share a kv head read each cached
 // K/V vector once; a run of consecutive rows of one sequence (a prefill chunk) is cut into tiles
 // of up to 16 rows that share every K/V load (bf16 on AVX-512 BF16). Arithmetic in fp32; inputs
@@ -37,7 +39,7 @@ AttendTileBF16 pick_tile_kernel(int64_t D, int64_t BS) {
 template <typename T, typename TC = T>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& row_seq,
-                          const at::Tensor& row_ctx, double scale, at::Tensor& out) {
+                          const at::Tensor& row_ctx, double scale, int64_t window, at::Tensor& out) {
   const int64_t T_ = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
   const int64_t G = H / KVH, W = block_tables.size(1);
@@ -55,7 +57,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   AttendBF16 fast = nullptr;
   AttendTileBF16 tile = nullptr;
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>)
-    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = pick_tile_kernel(D, BS);
+    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = window > 0 ? nullptr : pick_tile_kernel(D, BS);
   const bool avx2_rows = isa_at_least(kAvx2) && D % 8 == 0;  // fp32 rows over a bf16 cache
 #else
   const void* tile = nullptr;
@@ -97,23 +99,27 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 #pragma omp for schedule(dynamic, 4 * KVH)
     for (int64_t k = 0; k < n_rows; ++k) {
       const int64_t row = rows[k] / KVH, h = rows[k] % KVH;
+      // the keys the row sees: [start, ctx), from block start / BS, key start % BS of it
+      const int64_t start = window > 0 && ctx[row] > window ? ctx[row] - window : 0;
+      const int64_t* table = tables + seq[row] * W + start / BS;
+      const int64_t n = ctx[row] - start, off0 = start % BS;
 #if VIDYA_X86
       if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>) {
         if (fast) {
-          fast(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, D, BS, KVH,
+          fast(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, D, BS, KVH,
                static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
           continue;
         }
       }
       if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, at::BFloat16>) {
         if (avx2_rows) {
-          attend_row_avx2(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS, KVH,
+          attend_row_avx2(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS, KVH,
                           static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
           continue;
         }
       }
 #endif
-      attend_one<T, TC>(qp + row * qrs + h * G * D, kp, vp, tables + seq[row] * W, ctx[row], h, G, D, BS,
+      attend_one<T, TC>(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS,
                     KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
     }
   }
@@ -121,7 +127,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& row_seq,
-                           const at::Tensor& row_ctx, double scale) {
+                           const at::Tensor& row_ctx, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "q needs contiguous rows of heads; the caches must be contiguous");
@@ -132,18 +138,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
               row_ctx.scalar_type() == at::kLong, "index tensors must be int64");
   TORCH_CHECK(block_tables.is_contiguous() && row_seq.is_contiguous() && row_ctx.is_contiguous(),
               "index tensors must be contiguous");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   const int64_t H = q.size(1), KVH = k_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && H / KVH <= kMaxGroup && q.size(2) <= kMaxDim && q.size(2) == k_cache.size(3),
               "unsupported head layout");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (mixed) {
-    paged_attention_impl<float, at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out);
+    paged_attention_impl<float, at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out);
     return out;
   }
   switch (q.scalar_type()) {
-    case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
-    case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
-    case at::kHalf: paged_attention_impl<at::Half>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, out); break;
+    case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out); break;
+    case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out); break;
+    case at::kHalf: paged_attention_impl<at::Half>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out); break;
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
   return out;

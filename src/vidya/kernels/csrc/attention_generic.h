@@ -8,11 +8,13 @@
 
 namespace vidya {
 
-// q and out in T, the cache in TC (fp32 rows over a bf16 cache on CPUs without bf16 math).
+// q and out in T, the cache in TC (fp32 rows over a bf16 cache on CPUs without bf16 math). The
+// row attends to `ctx` keys from key `off0` of table[0]'s block on (the row kernels' contract:
+// off0 > 0 where a sliding window starts mid-block; the caller moves `table` to its first block).
 template <typename T, typename TC = T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __restrict vc,
-                const int64_t* __restrict table, int64_t ctx, int64_t kvh_index, int64_t G,
+                const int64_t* __restrict table, int64_t ctx, int64_t off0, int64_t kvh_index, int64_t G,
                 int64_t D, int64_t BS, int64_t KVH, float scale, float* __restrict scores,
                 T* __restrict out) {
   float qf[kMaxGroup * kMaxDim];
@@ -21,7 +23,7 @@ void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __rest
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(q[g * D + d]) * scale;
   const int64_t token_stride = KVH * D;
   // scores[g * ctx + t] = q_g . k_t
-  for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+  for (int64_t t = 0, off = off0, blk = 0; t < ctx; ++t, ++off) {
     if (off == BS) off = 0, ++blk;
     const TC* k = kc + (table[blk] * BS + off) * token_stride + kvh_index * D;
     float kf[kMaxDim];
@@ -55,7 +57,7 @@ void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __rest
     inv_sum[g] = 1.f / sum;
   }
   std::memset(acc, 0, sizeof(float) * G * D);
-  for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+  for (int64_t t = 0, off = off0, blk = 0; t < ctx; ++t, ++off) {
     if (off == BS) off = 0, ++blk;
     const TC* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D;
     float vf[kMaxDim];

@@ -13,7 +13,7 @@ using namespace vidya;
 
 TORCH_LIBRARY(vidya, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor row_seq, "
-        "Tensor row_ctx, float scale) -> Tensor");
+        "Tensor row_ctx, float scale, int window=0) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");

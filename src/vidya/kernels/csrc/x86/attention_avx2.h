@@ -55,14 +55,14 @@ __attribute__((target("avx2,fma"))) inline __m256 widen8(const at::BFloat16* p) 
 // over every key, each value vector widened once for the GC heads.
 template <int GC, int NC>
 __attribute__((target("avx2,fma"))) void pv_chunk_avx2(const at::BFloat16* vc, const int64_t* table, int64_t ctx,
-                                                       int64_t kvh_index, int64_t D, int64_t BS, int64_t KVH,
+                                                       int64_t off0, int64_t kvh_index, int64_t D, int64_t BS, int64_t KVH,
                                                        const float* p, const float* inv_sum, int64_t g0, int64_t d0,
                                                        float* out) {
   const int64_t token_stride = KVH * D;
   __m256 acc[GC][NC];
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm256_setzero_ps();
-  for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+  for (int64_t t = 0, off = off0, blk = 0; t < ctx; ++t, ++off) {
     if (off == BS) off = 0, ++blk;
     const at::BFloat16* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D + d0;
     __m256 vv[NC];
@@ -79,14 +79,15 @@ __attribute__((target("avx2,fma"))) void pv_chunk_avx2(const at::BFloat16* vc, c
 }
 
 template <int GC>
-inline void pv_chunk_avx2_nc(int nc, const at::BFloat16* vc, const int64_t* table, int64_t ctx, int64_t kvh_index,
+inline void pv_chunk_avx2_nc(int nc, const at::BFloat16* vc, const int64_t* table, int64_t ctx, int64_t off0,
+                             int64_t kvh_index,
                              int64_t D, int64_t BS, int64_t KVH, const float* p, const float* inv_sum, int64_t g0,
                              int64_t d0, float* out) {
   switch (nc) {
-    case 1: return pv_chunk_avx2<GC, 1>(vc, table, ctx, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
-    case 2: return pv_chunk_avx2<GC, 2>(vc, table, ctx, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
-    case 3: return pv_chunk_avx2<GC, 3>(vc, table, ctx, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
-    default: return pv_chunk_avx2<GC, 4>(vc, table, ctx, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
+    case 1: return pv_chunk_avx2<GC, 1>(vc, table, ctx, off0, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
+    case 2: return pv_chunk_avx2<GC, 2>(vc, table, ctx, off0, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
+    case 3: return pv_chunk_avx2<GC, 3>(vc, table, ctx, off0, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
+    default: return pv_chunk_avx2<GC, 4>(vc, table, ctx, off0, kvh_index, D, BS, KVH, p, inv_sum, g0, d0, out);
   }
 }
 
@@ -98,7 +99,7 @@ __attribute__((target("avx2,fma"))) inline void attend_row_avx2(const float* __r
                                                                 const at::BFloat16* __restrict kc,
                                                                 const at::BFloat16* __restrict vc,
                                                                 const int64_t* __restrict table, int64_t ctx,
-                                                                int64_t kvh_index, int64_t G, int64_t D, int64_t BS,
+                                                                int64_t off0, int64_t kvh_index, int64_t G, int64_t D, int64_t BS,
                                                                 int64_t KVH, float scale, float* __restrict scores,
                                                                 float* __restrict out) {
   alignas(32) float qf[kMaxGroup * kMaxDim];
@@ -108,7 +109,7 @@ __attribute__((target("avx2,fma"))) inline void attend_row_avx2(const float* __r
   // a second walker kAhead keys ahead prefetches each key (to L1) and its value (to L2): one
   // key at a time, a row's reads are too few in flight to keep up with memory otherwise
   constexpr int64_t kAhead = 16;
-  int64_t pt = 0, poff = 0, pblk = 0;
+  int64_t pt = 0, poff = off0, pblk = 0;
   auto prefetch_next = [&](int64_t upto) {
     for (; pt < upto && pt < ctx; ++pt) {
       const int64_t at = (table[pblk] * BS + poff) * token_stride + kvh_index * D;
@@ -119,7 +120,7 @@ __attribute__((target("avx2,fma"))) inline void attend_row_avx2(const float* __r
       if (++poff == BS) poff = 0, ++pblk;
     }
   };
-  for (int64_t t0 = 0, off = 0, blk = 0; t0 < ctx; t0 += 8) {
+  for (int64_t t0 = 0, off = off0, blk = 0; t0 < ctx; t0 += 8) {
     const int64_t n = ctx - t0 < 8 ? ctx - t0 : 8;
     prefetch_next(t0 + 8 + kAhead);
     for (int64_t j = 0; j < 8; ++j) {
@@ -152,9 +153,9 @@ __attribute__((target("avx2,fma"))) inline void attend_row_avx2(const float* __r
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       const int nc = static_cast<int>(std::min<int64_t>(4, (D - d0) / 8));
       switch (std::min<int64_t>(3, G - g0)) {
-        case 1: pv_chunk_avx2_nc<1>(nc, vc, table, ctx, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
-        case 2: pv_chunk_avx2_nc<2>(nc, vc, table, ctx, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
-        default: pv_chunk_avx2_nc<3>(nc, vc, table, ctx, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
+        case 1: pv_chunk_avx2_nc<1>(nc, vc, table, ctx, off0, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
+        case 2: pv_chunk_avx2_nc<2>(nc, vc, table, ctx, off0, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
+        default: pv_chunk_avx2_nc<3>(nc, vc, table, ctx, off0, kvh_index, D, BS, KVH, scores, inv_sum, g0, d0, out); break;
       }
     }
 }

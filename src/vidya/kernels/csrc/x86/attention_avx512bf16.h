@@ -11,8 +11,9 @@ namespace vidya {
 template <int G>
 VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const at::BFloat16* __restrict kc,
                                          const at::BFloat16* __restrict vc, const int64_t* __restrict table,
-                                         int64_t ctx, int64_t kvh_index, int64_t D, int64_t BS, int64_t KVH,
-                                         float scale, float* __restrict scores, at::BFloat16* __restrict out) {
+                                         int64_t ctx, int64_t off0, int64_t kvh_index, int64_t D, int64_t BS,
+                                         int64_t KVH, float scale, float* __restrict scores,
+                                         at::BFloat16* __restrict out) {
   const int64_t token_stride = KVH * D;
   // QK^T for 16 tokens at a time: 16 partial-sum vectors per head, then one transposing
   // reduction (hsum16) instead of 16 horizontal ones.
@@ -20,7 +21,7 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
   // token -> address walks the block table with counters (an integer division per token costs
   // more than its dot products)
   const at::BFloat16* kp_all[16 + 16];
-  int64_t blk = 0, off = 0;
+  int64_t blk = 0, off = off0;
   auto key_at = [&](void) {
     const at::BFloat16* p = kc + (table[blk] * BS + off) * token_stride + kvh_index * D;
     if (++off == BS) off = 0, ++blk;
@@ -81,10 +82,10 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
     __m512 acc[G][4];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t t = 0, off = 0, blk = 0; t < ctx; ++t, ++off) {
+    for (int64_t t = 0, off = off0, blk = 0; t < ctx; ++t, ++off) {
       if (off == BS) off = 0, ++blk;
       const at::BFloat16* v = vc + (table[blk] * BS + off) * token_stride + kvh_index * D + d0;
-      if (off == 0 && blk + 1 < (ctx + BS - 1) / BS) {  // start of a block: fetch the next block's values
+      if (off == 0 && blk + 1 < (off0 + ctx + BS - 1) / BS) {  // start of a block: fetch the next block's values
         const at::BFloat16* nv = vc + table[blk + 1] * BS * token_stride + kvh_index * D + d0;
         for (int64_t j = 0; j < BS; ++j)
           for (int64_t b = 0; b < 128; b += 64) _mm_prefetch(reinterpret_cast<const char*>(nv + j * token_stride) + b, _MM_HINT_T0);
@@ -107,7 +108,7 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
 }
 
 using AttendBF16 = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, const int64_t*,
-                            int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, at::BFloat16*);
+                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, at::BFloat16*);
 
 AttendBF16 pick_bf16_kernel(int64_t G) {
   switch (G) {

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     at::Tensor fused_qkv = amx_linear(x, qkv[l], bias);
     rotary_cache_(fused_qkv, cos, sin, heads, kv_heads, head_dim, k_caches[l], v_caches[l], slot_mapping);
     at::Tensor q = fused_qkv.narrow(1, 0, heads * head_dim).view({M, heads, head_dim});
-    at::Tensor attn = paged_attention(q, k_caches[l], v_caches[l], block_tables, row_seq, row_ctx, scale);
+    at::Tensor attn = paged_attention(q, k_caches[l], v_caches[l], block_tables, row_seq, row_ctx, scale, 0);
     x = amx_linear(attn.view({M, heads * head_dim}), o[l], c10::nullopt);
     add_rms_norm_(x, residual, ln2[l], eps);
     x = amx_linear(amx_linear_silu(x, gate_up[l]), down[l], c10::nullopt);

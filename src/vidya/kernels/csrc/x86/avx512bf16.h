@@ -26,6 +26,12 @@ VIDYA_AVX512BF16 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// e^-x for SiLU, capped at e^88 (finite) where x < -88: uncapped it is +inf there, and the
+// reciprocal's Newton step turns inf * 0 into NaN (torch gives ~0)
+VIDYA_AVX512BF16 inline __m512 exp512_neg_capped(__m512 x) {
+  return exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.f)));
+}
+
 VIDYA_AVX512BF16 inline __m512 bf16x16_to_f32(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));

@@ -37,7 +37,7 @@ VIDYA_AVX512BF16 void silu_and_mul_row_bf16(const at::BFloat16* g, const at::BFl
   for (int64_t i = 0; i < n; i += 16) {
     const __m512 x = bf16x16_to_f32(g + i);
     // x / (1 + e^-x) with a reciprocal estimate and one Newton step (division is the slowest op here)
-    const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    const __m512 d = _mm512_add_ps(one, exp512_neg_capped(x));
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
     const __m512 silu = _mm512_mul_ps(x, r);

@@ -5,9 +5,13 @@
 // instructions, and the tests compare them with the torch reference on every machine. The types
 // stay GCC's own (__m512 and friends are vector types any x86 compiler handles); only the
 // instructions are replaced, each written after Intel's pseudo-code for it (bf16 conversion
-// rounds to nearest even with denormal inputs as zero; VDPBF16PS and TDPBF16PS add the odd / even
-// products in Intel's order). Approximations (VRCP14PS) return the exact value, which is within
-// their documented error. Nothing here is fast, and nothing but the emulated build includes it.
+// rounds to nearest even with denormal inputs as zero; VDPBF16PS adds the odd, then the even
+// product, as the SDM says). Where the hardware's rounding is not pinned down the results may
+// differ from it in the last fp32 bits, which the tests' tolerances absorb: TDPBF16PS here adds
+// one product at a time (the Intrinsics Guide's order; the SDM keeps even and odd sums apart and
+// adds them at the end), and VRCP14PS returns the exact reciprocal (within the 2^-14 the
+// hardware promises). Nothing checks alignment or tile shapes as the hardware would. Nothing
+// here is fast, and nothing but the emulated build includes it.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -83,6 +87,11 @@ inline __m512 mul_ps(__m512 a, __m512 b) { return (__m512)((f32x16)a * (f32x16)b
 inline __m512 max_ps(__m512 a, __m512 b) {  // the second operand when either is NaN, as MAXPS
   f32x16 x = (f32x16)a, y = (f32x16)b, r;
   for (int i = 0; i < 16; ++i) r[i] = x[i] > y[i] ? x[i] : y[i];
+  return (__m512)r;
+}
+inline __m512 min_ps(__m512 a, __m512 b) {  // the second operand when either is NaN, as MINPS
+  f32x16 x = (f32x16)a, y = (f32x16)b, r;
+  for (int i = 0; i < 16; ++i) r[i] = x[i] < y[i] ? x[i] : y[i];
   return (__m512)r;
 }
 inline __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {
@@ -356,6 +365,8 @@ inline void tile_dpbf16ps(int dst, int a, int b) {
 #define _mm512_mul_ps x86emu::mul_ps
 #undef _mm512_max_ps
 #define _mm512_max_ps x86emu::max_ps
+#undef _mm512_min_ps
+#define _mm512_min_ps x86emu::min_ps
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps x86emu::fmadd_ps
 #undef _mm512_fnmadd_ps

@@ -50,7 +50,7 @@ VIDYA_AVX512BF16 void store_silu_rows(const float* gate, const float* up, int64_
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t r = 0; r < 16 && m0 + r < M; ++r) {
     const __m512 x = round_bf16(_mm512_load_ps(gate + r * 16));
-    const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    const __m512 d = _mm512_add_ps(one, exp512_neg_capped(x));
     __m512 rc = _mm512_rcp14_ps(d);
     rc = _mm512_mul_ps(rc, _mm512_fnmadd_ps(d, rc, _mm512_set1_ps(2.f)));
     const __m512 h = _mm512_mul_ps(round_bf16(_mm512_mul_ps(x, rc)), round_bf16(_mm512_load_ps(up + r * 16)));

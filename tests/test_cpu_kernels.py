@@ -143,9 +143,11 @@ def test_argmax_rows_is_torch_max_indices(kernel, dtype):
     x[5, -1] = x[5].max() + 1  # in the tail past the last full vector
     x[6] = 0.0  # all equal
     x[7, :] = float("-inf")
+    x[8, 9] = x[8, 16] = x[8].max() + 1  # a tie across vector lanes: the smaller index, in the later lane
     ref = x.max(dim=-1).indices
     assert torch.equal(ops.argmax_rows(x), ref)
     assert torch.equal(ops.argmax_rows(x[:, :20]), x[:, :20].max(dim=-1).indices)  # strided rows
+    assert torch.equal(ops.argmax_rows(x[:, :5]), x[:, :5].max(dim=-1).indices)  # shorter than a vector
 
 
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64, 96, 97, 300])

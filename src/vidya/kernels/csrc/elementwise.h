@@ -202,19 +202,27 @@ void rotary_cache_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
 
 at::Tensor argmax_rows(const at::Tensor& logits) {
   check_rows(logits, "logits");
-  if (!VIDYA_X86 || !(logits.scalar_type() == at::kBFloat16 && has_avx512bf16() && logits.size(1) < (int64_t(1) << 31)) ||
-      logits.size(1) == 0)
+  const int64_t rows = logits.size(0), n = logits.size(1), ld = logits.stride(0);
+  const bool bf16 = logits.scalar_type() == at::kBFloat16 && has_avx512bf16();
+  const bool f32 = logits.scalar_type() == at::kFloat && isa_at_least(kAvx2);
+  if (!VIDYA_X86 || !(bf16 || f32) || n == 0 || n >= (int64_t(1) << 31))
     return std::get<1>(logits.max(-1));
   // (NaN entries are skipped; torch would return a NaN's index: a broken model either way)
-  const int64_t rows = logits.size(0), n = logits.size(1), ld = logits.stride(0);
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
-  const at::BFloat16* xp = logits.data_ptr<at::BFloat16>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
 #if VIDYA_X86
-    for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_bf16(xp + r * ld, n);
+  if (bf16) {
+    const at::BFloat16* xp = logits.data_ptr<at::BFloat16>();
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_bf16(xp + r * ld, n);
+    });
+  } else {
+    const float* xp = logits.data_ptr<float>();
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_f32(xp + r * ld, n);
+    });
+  }
 #endif
-  });
   return out;
 }
 

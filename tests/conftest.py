@@ -37,7 +37,6 @@ def cpu_best_isa_bound():
 class KernelLevel(NamedTuple):
     isa: str  # the ISA level bound for the test
     ops: object  # torch.ops.vidya, or torch.ops.vidya_emu (emulated)
-    emulated: bool
 
 
 @pytest.fixture(params=KERNEL_ISAS)
@@ -50,14 +49,14 @@ def kernel(request):
     if not kernels.available():
         pytest.skip("vidya's C++ kernels did not build here (no compiler?)")
     have = kernels.cpu_level()
-    ops, emulated = torch.ops.vidya, False
+    ops = torch.ops.vidya
     if have not in KERNEL_ISAS or not isa_at_least(have, request.param):
-        ops, emulated = kernels.emulated_ops(), True
+        ops = kernels.emulated_ops()
         if ops is None:
             pytest.skip(f"this CPU offers {have}, not {request.param}, and the emulated kernels did not build")
     have = kernels.cpu_level(ops)
     assert kernels.bind_isa(request.param, ops) == request.param
-    yield KernelLevel(request.param, ops, emulated)
+    yield KernelLevel(request.param, ops)
     kernels.bind_isa(have, ops)
 
 

@@ -76,12 +76,9 @@ def _build(emulated: bool = False) -> bool:
              extra_cflags=flags, extra_ldflags=["-fopenmp"])
         return True
     except Exception as e:  # no compiler, no headers: the reference still serves, slower
-        if emulated:
-            print(f"vidya: warning: the emulated kernels did not build ({type(e).__name__}: {str(e)[:2000]})",
-                  file=sys.stderr)
-            return False
-        print(f"vidya: warning: C++ CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "
-              f"using the torch reference ops", file=sys.stderr)
+        what = "the emulated kernels did not build" if emulated else "C++ CPU kernels unavailable"
+        print(f"vidya: warning: {what} ({type(e).__name__}: {str(e)[:200]})"
+              f"{'' if emulated else '; using the torch reference ops'}", file=sys.stderr)
         return False
 
 

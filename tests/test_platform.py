@@ -3,10 +3,11 @@
 AVX2 serving on the torch reference ops with a start-up line that says so."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
-from conftest import make_engine, run_to_completion
 from vidya import SamplingParams
 from vidya import platform as plat
 
@@ -56,16 +57,63 @@ def test_each_cpu_class_gets_its_dtypes(monkeypatch):
 
 
 def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, monkeypatch, capsys):
+    """...with one start-up line that says so: `vidya serve`'s loading path (launcher.load_engine,
+    the platform resolved once before the port opens) prints the reason once."""
+    from vidya.config import EngineArgs
+    from vidya.engine.llm_engine import engine_platform
+    from vidya.server import launcher
+    from vidya.server.app import ServerSettings, ServerState
     monkeypatch.setattr(plat, "cpu_isa", lambda flags=None: "generic")
-    p = plat.resolve_platform()
+    args = EngineArgs(model=tiny_models["llama"][0], block_size=4, max_model_len=512, show_progress=True)
+    p = engine_platform(args)
     assert (p.backend, p.isa, p.dtype) == ("torch", "generic", torch.float32)
-    assert "no AVX2" in p.describe()
-    engine = make_engine(tiny_models["llama"][0], dtype="auto", show_progress=True)
-    assert engine.platform.backend == "torch"
-    rid = engine.add_request(None, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4))
-    assert len(run_to_completion(engine)[rid].outputs[0].token_ids) == 4
-    startup = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vidya: backend:")]
-    assert len(startup) == 1 and "no AVX2" in startup[0], startup
+    assert "no AVX2" in p.describe() and "no AVX2" not in p.describe(note=False)
+    monkeypatch.setattr(plat, "resolve_platform", lambda *a, **k: pytest.fail("the platform was resolved twice"))
+    state = ServerState()
+    launcher.load_engine(args, p, ServerSettings(served_model_names=["tiny"], warm_tutor_prompts=False), state,
+                         server=None)  # (the server is touched only when loading fails)
+    assert state.load_error is None and state.llm is not None
+    async def answer():
+        async for out in state.llm.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4)):
+            last = out
+        return last
+    try:
+        assert state.llm.engine.platform is p
+        assert len(asyncio.run(answer()).outputs[0].token_ids) == 4
+    finally:
+        state.llm.shutdown(timeout=30)
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("vidya: serving tiny on cpu generic, torch reference ops") for line in err), err
+    said = [line for line in err if "no AVX2" in line]
+    assert len(said) == 1 and said[0].startswith("vidya: backend:"), err
+
+
+def test_a_gpu_refuses_a_cpu_backend_and_takes_torch_for_the_reference(monkeypatch):
+    """On CUDA, --backend / VIDYA_BACKEND naming a CPU kernel level is an error (not silently
+    ignored); torch means the reference ops throughout, attention included."""
+    monkeypatch.setattr(plat, "resolve_device", lambda device="auto": torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(plat, "triton_usable", lambda: True)
+    with pytest.raises(ValueError, match="--backend avx2 names vidya's CPU kernels.*--device cpu"):
+        plat.resolve_platform(backend="avx2")
+    monkeypatch.setenv("VIDYA_BACKEND", "cpu")
+    with pytest.raises(ValueError, match="VIDYA_BACKEND cpu names vidya's CPU kernels"):
+        plat.resolve_platform()
+    monkeypatch.delenv("VIDYA_BACKEND")
+    assert (plat.resolve_platform().backend, plat.resolve_platform().attention) == ("cuda", "triton")
+    p = plat.resolve_platform(backend="torch")
+    assert (p.backend, p.attention, p.dtype) == ("cuda", "torch", torch.bfloat16)
+    assert plat.resolve_platform(tensor_parallel=True).attention == "triton"  # (split on the GPU's own ops)
+
+
+def test_tensor_parallelism_runs_on_the_torch_ops(monkeypatch):
+    p = plat.resolve_platform(tensor_parallel=True)
+    assert (p.backend, p.attention) == ("torch", "torch")
+    with pytest.raises(ValueError, match="--backend avx2 cannot be split"):
+        plat.resolve_platform(backend="avx2", tensor_parallel=True)
+    monkeypatch.setenv("VIDYA_BACKEND", "cpu")  # read there too (it was not, before)
+    with pytest.raises(ValueError, match="VIDYA_BACKEND cpu cannot be split"):
+        plat.resolve_platform(tensor_parallel=True)
 
 
 def test_attention_backend_choice_and_its_errors(monkeypatch):

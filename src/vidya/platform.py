@@ -50,14 +50,15 @@ class Platform:
     note: str = ""  # why a faster path is not used, when one is not
     attention: str = "torch"  # "cpu" (in the C++ kernels), "torch" (the reference) or "triton"
 
-    def describe(self) -> str:
+    def describe(self, note: bool = True) -> str:
+        """One line; `note`: with why a faster path is not used (printed once at start-up)."""
         name = lambda t: str(t).removeprefix("torch.")
         kernels = {"cpu": "C++ kernels", "torch": "torch reference ops", "cuda": "torch on CUDA"}[self.backend]
         if self.attention == "triton":  # (ops/__init__.py: the Triton kernels come together)
             kernels = "torch matmuls + Triton kernels" if self.device.type == "cuda" else "torch matmuls + Triton kernels (interpreted)"
         s = (f"{self.device.type} {self.isa}, {kernels}, {self.attention} attention: {name(self.dtype)} math, "
              f"{name(self.weight_dtype)} weights, {name(self.kv_dtype)} KV cache")
-        return s + (f" ({self.note})" if self.note else "")
+        return s + (f" ({self.note})" if self.note and note else "")
 
     def as_dict(self) -> dict:
         name = lambda t: str(t).removeprefix("torch.")
@@ -106,11 +107,17 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto",
-                     attention: str = "auto") -> Platform:
-    """Everything the engine needs to know about this machine, decided once."""
+                     attention: str = "auto", tensor_parallel: bool = False) -> Platform:
+    """Everything the engine needs to know about this machine, decided once (the engine calls
+    this once and hands the result to whatever else needs it: tensor-parallel ranks included).
+    `tensor_parallel`: the engine splits the model across ranks, which runs on the torch ops on
+    CPU (the C++ kernels fuse the output layer's argmax, which would skip the all-gather)."""
     backend, source = (backend, "--backend") if backend != "auto" else (os.environ.get(ENV_VAR) or "auto", ENV_VAR)
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if tensor_parallel and backend not in ("auto", "torch"):
+        raise ValueError(f"tensor parallelism runs on the torch ops; {source} {backend} cannot be split: "
+                         f"use auto or torch")
     attention, attention_source = ((attention, "--attention-backend") if attention != "auto" else
                                    ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
     if attention not in ATTENTION_BACKENDS:
@@ -119,11 +126,16 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     if dev.type == "cuda":
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"{source} {backend} names vidya's CPU kernels, and this engine runs on {dev}: use "
+                             f"auto (Triton kernels) or torch (the reference ops), or --device cpu")
+        if backend == "torch" and attention == "auto":
+            attention = "torch"  # the reference ops throughout
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
-        if backend == "auto" and attention in ("torch", "triton"):
-            backend = "torch"  # that attention runs beside the torch ops
+        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel):
+            backend = "torch"  # that attention (and tensor parallelism) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
     return dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source))
 

@@ -23,8 +23,8 @@ from vidya.engine.token_bytes import TokenBytes
 from vidya.models import loader, registry
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
-from vidya.engine.tensor_parallel import Workers, init_group, shard_config, threads_per_rank, tp_backend
-from vidya.platform import TPGroup, resolve_platform
+from vidya.engine.tensor_parallel import Workers, init_group, shard_config, threads_per_rank
+from vidya.platform import Platform, TPGroup, resolve_platform
 from vidya.sampling_params import SamplingParams
 
 
@@ -56,21 +56,22 @@ def prefix_waves(prompts: list[list[int]], block_size: int) -> list[list[list[in
     return waves
 
 
-def engine_platform(args: EngineArgs):
-    """The platform every rank of an engine with these arguments runs on (tensor parallelism
-    runs on the torch ops: auto means torch there)."""
-    backend = tp_backend(args.backend) if args.tensor_parallel_size > 1 else args.backend
-    return resolve_platform(args.device, args.dtype, backend, args.attention_backend)
+def engine_platform(args: EngineArgs) -> Platform:
+    """The platform every rank of an engine with these arguments runs on: resolved once, by the
+    caller that starts the engine (`vidya serve` before its port opens, else LLMEngine)."""
+    return resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
+                            tensor_parallel=args.tensor_parallel_size > 1)
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, platform: Platform | None = None) -> None:
+        """`platform`: engine_platform(args), where the caller resolved it already."""
         t0 = time.perf_counter()
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         world = args.tensor_parallel_size
-        self.platform = engine_platform(args)
+        self.platform = platform or engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
         self.model_config = loader.load_config(src)
@@ -82,7 +83,7 @@ class LLMEngine:
         self.workers, tp = None, TPGroup()
         if world > 1:  # ranks 1..N-1 start now and load beside rank 0
             torch.set_num_threads(threads_per_rank(world))
-            self.workers = Workers(args, world)
+            self.workers = Workers(args, world, self.platform)
             tp = init_group(0, world, self.workers.port, self.device)
             self.workers.broadcast(("load", self.max_model_len))
             self._log(f"tensor parallel: {world} ranks on torch.distributed "

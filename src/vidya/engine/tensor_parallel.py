@@ -85,11 +85,11 @@ class Workers:
     """Rank 0's handle on ranks 1..N-1: started before rank 0 loads (they load in parallel),
     given each step's input, stopped with `close`."""
 
-    def __init__(self, args, world: int) -> None:
+    def __init__(self, args, world: int, platform) -> None:
         self.world = world
         self.port = free_port()
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=worker_main, args=(args, rank, world, self.port), daemon=True,
+        self.procs = [ctx.Process(target=worker_main, args=(args, platform, rank, world, self.port), daemon=True,
                                   name=f"vidya-tp-rank{rank}") for rank in range(1, world)]
         for p in self.procs:
             p.start()
@@ -123,16 +123,14 @@ class Workers:
             dist.destroy_process_group()
 
 
-def worker_main(args, rank: int, world: int, port: int) -> None:
-    """A rank > 0: the platform rank 0 uses, its own shard, then what rank 0 broadcasts, in order:
+def worker_main(args, platform, rank: int, world: int, port: int) -> None:
+    """A rank > 0: the platform rank 0 resolved, its own shard, then what rank 0 broadcasts, in order:
     ("load", max_model_len), ("profile", profile_forward's arguments) on a GPU, ("cache",
     num_blocks, cache config), then ("step", StepInput) per step, until None."""
     from vidya.engine.model_runner import ModelRunner, profile_forward
     from vidya.models import loader
     from vidya.ops import make_ops
-    from vidya.engine.llm_engine import engine_platform
     torch.set_num_threads(threads_per_rank(world))
-    platform = engine_platform(args)
     if platform.device.type == "cuda":  # one GPU per rank (untested: no machine with several was lent)
         platform = dataclasses.replace(platform, device=torch.device("cuda", rank))
         torch.cuda.set_device(platform.device)
@@ -158,12 +156,3 @@ def worker_main(args, rank: int, world: int, port: int) -> None:
         else:
             runner.forward(msg[1])
     dist.destroy_process_group()
-
-
-def tp_backend(backend: str) -> str:
-    """Tensor parallelism runs on the torch ops (the C++ kernels fuse the output layer's argmax,
-    which would skip the all-gather): auto means torch here."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"tensor parallelism runs on the torch ops; --backend {backend} cannot be split: "
-                         f"use --backend auto or torch")
-    return "torch"

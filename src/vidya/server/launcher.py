@@ -22,6 +22,7 @@ from vidya.config import EngineArgs
 from vidya.engine.async_llm import AsyncLLM
 from vidya.engine.llm_engine import LLMEngine, engine_platform
 from vidya.models import loader
+from vidya.platform import Platform
 from vidya.server.app import ServerSettings, ServerState, build_app
 from vidya.server.serving import Serving
 from vidya.tutor.warmup import system_prefixes
@@ -77,9 +78,10 @@ class DrainingServer(uvicorn.Server):
         return done
 
 
-def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, server: DrainingServer) -> None:
+def load_engine(args: EngineArgs, platform: Platform, settings: ServerSettings, state: ServerState,
+                server: DrainingServer) -> None:
     try:
-        engine = LLMEngine(args)
+        engine = LLMEngine(args, platform)
         if settings.warm_tutor_prompts:
             t0 = time.perf_counter()
             prefixes = system_prefixes(engine)
@@ -92,7 +94,8 @@ def load_engine(args: EngineArgs, settings: ServerSettings, state: ServerState, 
         state.llm = llm
         state.serving = Serving(llm, settings.served_model_names, settings.max_tokens_default,
                                 settings.max_sequences_per_request, settings.max_logprob_entries)
-        print(f"vidya: serving {', '.join(settings.served_model_names)} on {llm.engine.platform.describe()}",
+        # (the engine's own start-up line said why a faster path is not used, where one is not)
+        print(f"vidya: serving {', '.join(settings.served_model_names)} on {llm.engine.platform.describe(note=False)}",
               file=sys.stderr, flush=True)
     except BaseException as e:  # noqa: BLE001 - reported, then the process exits non-zero
         state.load_error = f"{type(e).__name__}: {e}"
@@ -104,14 +107,14 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
           shutdown_timeout: float = 30.0, timeout_keep_alive: int = 75, log_level: str = "info",
           access_log: bool = True) -> int:
     loader.resolve(args.model)  # a wrong --model fails here, before the port opens
-    engine_platform(args)  # and an impossible device or backend
+    platform = engine_platform(args)  # an impossible device or backend too; decided once, here
     state = ServerState()
     app = build_app(settings, state)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=2,
                             lifespan="off")
     server = DrainingServer(config, state, shutdown_timeout)
-    threading.Thread(target=load_engine, args=(args, settings, state, server), name="vidya-load", daemon=True).start()
+    threading.Thread(target=load_engine, args=(args, platform, settings, state, server), name="vidya-load", daemon=True).start()
     _lower_priority_of_this_thread()
     server.run()
     code = 1 if state.load_error or not server.started or server.engine_died else 0

@@ -120,7 +120,9 @@ def test_sweep_a_live_server_then_plan_from_it(tiny_models, tmp_path):
                   "--json", str(out))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "concurrency    4" in r.stdout and "sweep" in r.stderr  # a line per level; the bar on stderr
+        assert "server backend: cpu " in r.stdout and " math, " in r.stdout, r.stdout  # what ran, as bench serve says
         sweep = json.loads(out.read_text())
+        assert sweep["backend"]["device"] == "cpu" and sweep["backend"]["isa"] in r.stdout
         assert sweep["model"] == "tiny" and [lv["concurrency"] for lv in sweep["levels"]] == [1, 4]
         assert sweep["length_spread"] == 0.5 and [lv["latency_requests"] for lv in sweep["levels"]] == [5, 2]
         for lv in sweep["levels"]:

@@ -180,6 +180,14 @@ async def server_backend(client: httpx.AsyncClient, base: str) -> dict | None:
         return None
 
 
+def backend_line(backend: dict | None) -> str:
+    """A vidya server's backend (server_backend's dict) in one line; what another server runs is unknown."""
+    if not backend:
+        return "server backend: not reported (not a vidya server)"
+    return (f"server backend: {backend['device']} {backend['isa']} ({backend['backend']}): {backend['dtype']} math, "
+            f"{backend['weight_dtype']} weights, {backend['kv_cache_dtype']} KV cache")
+
+
 async def server_metrics(client: httpx.AsyncClient, base: str) -> dict:
     """vidya's own KV-cache waste and prefix-cache counters from /metrics, when the server has them."""
     try:
@@ -219,8 +227,7 @@ def print_report(report: dict) -> None:
           f"{report['num_requests']} requests, {load}")
     backend = report["server_metrics"].get("backend")
     if backend:
-        print(f"server backend: {backend['device']} {backend['isa']} ({backend['backend']}): {backend['dtype']} math, "
-              f"{backend['weight_dtype']} weights, {backend['kv_cache_dtype']} KV cache")
+        print(backend_line(backend))
     print(f"{'duration':<20} {report['duration_s']:>10.2f} s")
     print(f"{'completed / failed':<20} {report['completed']:>6} / {report['failed']}")
     print(f"{'output tokens':<20} {report['output_tokens']:>10}")

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 
 import httpx
 
-from vidya.bench.serve import normalize_base_url, request_body, resolve_model, run_load, server_backend, summarize
+from vidya.bench.serve import (backend_line, normalize_base_url, request_body, resolve_model, run_load, server_backend,
+                               summarize)
 from vidya.bench.workload import load_workload
 
 DEFAULT_LEVELS = "1,8,16,32,64,128,256"
@@ -181,7 +182,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     result = asyncio.run(sweep(args, base, levels))
     print(f"sweep of {base} ({result['model']}, {result['workload']}): {len(levels)} levels in "
-          f"{time.perf_counter() - t0:.0f} s")
+          f"{time.perf_counter() - t0:.0f} s; {backend_line(result['backend'])}")
     rows = result["levels"]
     if args.json:
         with open(args.json, "w") as f:

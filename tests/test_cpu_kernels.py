@@ -150,10 +150,11 @@ def test_argmax_rows_is_torch_max_indices(kernel, dtype):
     assert torch.equal(ops.argmax_rows(x[:, :5]), x[:, :5].max(dim=-1).indices)  # shorter than a vector
 
 
+@pytest.mark.parametrize("kernel", ["avx2"], indirect=True)  # (the levels above it run the same kernels)
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 64, 96, 97, 300])
 @pytest.mark.parametrize("out_features,in_features,bias", [(960, 576, False), (3072, 576, True), (576, 1536, False),
                                                            (40, 24, True), (200, 2000, True)])
-def test_linear_w16_is_fp32_linear_over_the_widened_weight(rows, out_features, in_features, bias):
+def test_linear_w16_is_fp32_linear_over_the_widened_weight(kernel, rows, out_features, in_features, bias):
     """fp32 rows times bf16 weights packed in strips (CPUs without bf16 math), on both paths
     (register tiles up to 96 rows, widened chunks and torch's GEMM above) and with a last strip
     partly filled: F.linear over the widened weight, up to summation order."""
@@ -162,25 +163,32 @@ def test_linear_w16_is_fp32_linear_over_the_widened_weight(rows, out_features, i
     w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(rows, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
+    ops = kernel.ops
     packed = pack_w16(w)
     assert torch.equal(unpack_w16(packed, out_features), w)
-    y = torch.ops.vidya.linear_w16(x, packed, b, out_features)
+    y = ops.linear_w16(x, packed, b, out_features)
     assert y.dtype == torch.float32 and y.shape == (rows, out_features)
     torch.testing.assert_close(y, F.linear(x, w.float(), b), atol=1e-4, rtol=1e-4)
     with torch.inference_mode():  # the engine's mode, on every worker thread too
-        torch.testing.assert_close(torch.ops.vidya.linear_w16(x, packed, b, out_features), y, atol=0, rtol=0)
+        torch.testing.assert_close(ops.linear_w16(x, packed, b, out_features), y, atol=0, rtol=0)
     wide = torch.cat([x, x], dim=1)[:, :in_features]  # strided rows
-    torch.testing.assert_close(torch.ops.vidya.linear_w16(wide, packed, b, out_features), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.linear_w16(wide, packed, b, out_features), y, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_w16_rejects_what_it_cannot_run():
+@pytest.mark.parametrize("kernel", ["generic", "avx2"], indirect=True)
+def test_linear_w16_rejects_what_it_cannot_run(kernel):
     from vidya.ops.cpu import pack_w16
+    ops = kernel.ops
+    if kernel.isa == "generic":  # the dispatch table's portable row has no strip kernels
+        with pytest.raises(RuntimeError, match="no 16-bit strip kernels"):
+            ops.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(4, 8)), None, 4)
+        return
     with pytest.raises(RuntimeError, match="packed"):
-        torch.ops.vidya.linear_w16(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16), None, 4)
+        ops.linear_w16(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16), None, 4)
     with pytest.raises(RuntimeError, match="fp32"):
-        torch.ops.vidya.linear_w16(torch.randn(2, 8).to(torch.bfloat16), pack_w16(torch.randn(4, 8)), None, 4)
+        ops.linear_w16(torch.randn(2, 8).to(torch.bfloat16), pack_w16(torch.randn(4, 8)), None, 4)
     with pytest.raises(RuntimeError, match="packed"):  # N does not match the strips
-        torch.ops.vidya.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(4, 8)), None, 40)
+        ops.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(4, 8)), None, 40)
 
 
 @pytest.mark.parametrize("kernel", ["amx"], indirect=True)
@@ -246,50 +254,47 @@ def test_amx_linear_argmax_is_argmax_of_the_bf16_logits(kernel, rows):
 
 
 @pytest.mark.parametrize("kernel", ["amx"], indirect=True)
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_decode_layers_is_the_layers_one_op_at_a_time(kernel, qkv_bias):
-    """The fused decode stack (every layer of a decode step in one call) against the same ops
-    called one at a time from Python, as the unfused layer does: the same outputs and caches, bit
-    for bit (two layers, decode rows at contexts that start, cross and end blocks)."""
-    ops = kernel.ops
-    g = torch.Generator().manual_seed(11 + qkv_bias)
-    L, hidden, inter, heads, kv_heads, d, bs, eps = 2, 256, 512, 4, 2, 64, 16, 1e-5
-    bf = lambda *shape, s=0.05: (torch.randn(*shape, generator=g) * s).to(torch.bfloat16)
-    ln1 = [1 + bf(hidden) for _ in range(L)]
-    ln2 = [1 + bf(hidden) for _ in range(L)]
-    qkv = [ops.amx_pack(bf((heads + 2 * kv_heads) * d, hidden)) for _ in range(L)]
-    bias = [bf((heads + 2 * kv_heads) * d, s=0.5) for _ in range(L)] if qkv_bias else []
-    o = [ops.amx_pack(bf(hidden, heads * d)) for _ in range(L)]
-    gate_up = [ops.amx_pack(bf(2 * inter, hidden)) for _ in range(L)]
-    down = [ops.amx_pack(bf(hidden, inter)) for _ in range(L)]
-    ctx = [1, 7, 16, 17, 40]
-    m = len(ctx)
-    tables = torch.stack([torch.randperm(16, generator=g)[:3] for _ in range(m)])
-    slots = torch.tensor([int(tables[i, (c - 1) // bs]) * bs + (c - 1) % bs for i, c in enumerate(ctx)])
-    row_seq, row_ctx = torch.arange(m), torch.tensor(ctx)
-    k_caches = [bf(16, bs, kv_heads, d, s=1.0) for _ in range(L)]
-    v_caches = [bf(16, bs, kv_heads, d, s=1.0) for _ in range(L)]
-    x = bf(m, hidden, s=1.0)
-    cos, sin = bf(m, d, s=1.0), bf(m, d, s=1.0)
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])  # (Qwen2: bias on q/k/v)
+def test_the_fused_decode_stack_is_the_models_own_forward(kernel, arch):
+    """AmxOps runs every layer of a decode step in one C++ call (`vidya::decode_layers`), a
+    sequence of ops of its own: held here to the model's own layers (models/llama.py) run one by
+    one through the same AmxOps, bit for bit, outputs and caches (two layers, decode rows whose
+    contexts start, cross and end blocks)."""
+    from transformers import LlamaConfig
 
-    kc, vc = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
-    out, res = ops.decode_layers(x.clone(), cos, sin, ln1, qkv, bias, o, ln2, gate_up, down, kc, vc, slots,
-                                 tables, row_seq, row_ctx, heads, kv_heads, d, eps, d ** -0.5)
+    from vidya.attention.metadata import AttentionMetadata
+    from vidya.models.llama import LlamaForCausalLM
+    from vidya.ops.cpu import AmxOps
+    from vidya.platform import Platform
+    bf = torch.bfloat16
+    config = LlamaConfig(architectures=[arch], vocab_size=64, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         max_position_embeddings=128)
+    torch.manual_seed(11)
+    model = LlamaForCausalLM(config, max_positions=128).to(bf)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    ops = AmxOps(Platform(torch.device("cpu"), "cpu", "amx", bf, bf, bf, attention="cpu"), kernel.ops)
+    # (prepare() also lays the weights out for oneDNN's prefill matmuls, which need the real
+    # instructions; decode-sized batches never reach them)
+    ops.pack_tiles(model)
+    assert ops.stack is not None and len(ops.stack[2]) == (2 if arch == "Qwen2ForCausalLM" else 0)
 
-    residual = x.clone()
-    h = ops.rms_norm(residual, ln1[0], eps)
-    for i in range(L):
-        if i > 0:
-            ops.add_rms_norm_(h, residual, ln1[i], eps)
-        fused = ops.amx_linear(h, qkv[i], bias[i] if qkv_bias else None)
-        ops.rotary_cache_(fused, cos, sin, heads, kv_heads, d, k_caches[i], v_caches[i], slots)
-        q = fused[:, :heads * d].view(m, heads, d)
-        attn = ops.paged_attention(q, k_caches[i], v_caches[i], tables, row_seq, row_ctx, d ** -0.5)
-        h = ops.amx_linear(attn.view(m, heads * d), o[i], None)
-        ops.add_rms_norm_(h, residual, ln2[i], eps)
-        h = ops.amx_linear(ops.amx_linear_silu(h, gate_up[i]), down[i], None)
+    ctx, bs, g = [1, 7, 16, 17, 40], 16, torch.Generator().manual_seed(5)
+    tables = [torch.randperm(16, generator=g)[:3].tolist() for _ in ctx]
+    meta = AttentionMetadata.for_sequences([1] * len(ctx), ctx, tables, bs, "cpu")
+    caches = [tuple(torch.randn(16, bs, 2, 64, generator=g).to(bf) for _ in range(2)) for _ in range(2)]
+    x = torch.randn(len(ctx), 256, generator=g).to(bf)
+    rope = model.model.rotary_emb(torch.tensor(ctx) - 1, bf)
+
+    fused_caches = [(k.clone(), v.clone()) for k, v in caches]
+    out, res = ops.decoder_stack(model.model, x.clone(), rope, fused_caches, meta)
+    h, residual = x.clone(), None
+    for layer, kv in zip(model.model.layers, caches):
+        h, residual = layer(h, residual, rope, kv, meta, ops)
     assert torch.equal(out, h) and torch.equal(res, residual)
-    assert all(torch.equal(a, b) for a, b in zip(kc + vc, k_caches + v_caches))
+    assert all(torch.equal(a, b) for fc, c in zip(fused_caches, caches) for a, b in zip(fc, c))
 
 
 @pytest.mark.parametrize("level", ["avx512_bf16", "amx"])

@@ -41,33 +41,35 @@ class CpuOps(TorchOps):
     # row by row, long chunks on SDPA, token-exact against transformers in fp32.)
     SDPA_MIN_ROWS = 8
 
-    def __init__(self, platform) -> None:
+    def __init__(self, platform, kernels=None) -> None:
+        """`kernels`: the op library to call, torch.ops.vidya (the tests pass the emulated build's)."""
         super().__init__(platform)
+        self.kernels = kernels if kernels is not None else torch.ops.vidya
         tiles = platform.dtype == torch.bfloat16 and platform.isa in ("amx", "avx512_bf16")
         self.sdpa_prefill = not tiles
 
     def add_rms_norm(self, x, residual, norm):
         if residual is None:
-            return torch.ops.vidya.rms_norm(x, norm.weight, norm.eps), x
-        torch.ops.vidya.add_rms_norm_(x, residual, norm.weight, norm.eps)  # both in place
+            return self.kernels.rms_norm(x, norm.weight, norm.eps), x
+        self.kernels.add_rms_norm_(x, residual, norm.weight, norm.eps)  # both in place
         return x, residual
 
     def gated_act(self, gate_up, x, act):
         if act != "silu":
             return super().gated_act(gate_up, x, act)
-        return torch.ops.vidya.silu_and_mul(self.linear(gate_up, x))
+        return self.kernels.silu_and_mul(self.linear(gate_up, x))
 
     def rope_attention(self, attn, qkv, rope, kv_cache, meta):
         """RoPE on q and k in place and K/V written to the cache in one op, then attention reading
         q straight from the qkv buffer."""
         h, d = attn.num_heads, attn.head_dim
-        torch.ops.vidya.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
-                                      meta.slot_mapping)
+        self.kernels.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
+                                   meta.slot_mapping)
         q = qkv[:, :h * d].view(qkv.shape[0], h, d)
         window = attn.sliding_window or 0  # (a sliding-window layer's rows see their last `window` keys)
         if not self.sdpa_prefill and not window:
-            out = torch.ops.vidya.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
-                                                  meta.row_ctx, attn.scale)
+            out = self.kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
+                                               meta.row_ctx, attn.scale)
             return out.view(qkv.shape[0], h * d)
         # rows before `cut` (decodes and short chunks) row by row in C++; long chunks on SDPA (and
         # in a sliding-window layer, where the kernels' tiles do not apply)
@@ -79,8 +81,8 @@ class CpuOps(TorchOps):
         cut = starts[long[-1]] if long else qkv.shape[0]
         out = q.new_empty(q.shape)
         if cut:
-            out[:cut] = torch.ops.vidya.paged_attention(q[:cut], kv_cache[0], kv_cache[1], meta.block_tables,
-                                                        meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale, window)
+            out[:cut] = self.kernels.paged_attention(q[:cut], kv_cache[0], kv_cache[1], meta.block_tables,
+                                                     meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale, window)
         for i in long:
             a, b = starts[i], starts[i + 1]
             out[a:b] = prefill_attention(q[a:b], kv_cache[0], kv_cache[1], meta.block_tables[i],
@@ -88,7 +90,7 @@ class CpuOps(TorchOps):
         return out.view(qkv.shape[0], h * d)
 
     def first_max(self, logits):
-        return torch.ops.vidya.argmax_rows(logits)
+        return self.kernels.argmax_rows(logits)
 
 
 # The strip layout of `vidya::linear_w16` (kernels/csrc/x86/gemm_avx2.h): weights in strips of 16
@@ -142,7 +144,7 @@ class Wide16Ops(CpuOps):
         return F.embedding(ids, embedding.w16).float()
 
     def linear(self, lin, x):
-        return torch.ops.vidya.linear_w16(x, lin.w16, lin.bias, lin.out_features)
+        return self.kernels.linear_w16(x, lin.w16, lin.bias, lin.out_features)
 
 
 class OneDnnOps(CpuOps):
@@ -184,16 +186,21 @@ class AmxOps(OneDnnOps):
     batch_hint = 4096
     MAX_ROWS = 64
 
-    def __init__(self, platform) -> None:
-        super().__init__(platform)
+    def __init__(self, platform, kernels=None) -> None:
+        super().__init__(platform, kernels)
         self.stack: tuple | None = None
 
     def prepare(self, model) -> None:
-        super().prepare(model)
+        super().prepare(model)  # oneDNN's copies, for prefill-sized batches
+        self.pack_tiles(model)
+
+    def pack_tiles(self, model) -> None:
+        """The AMX copy of every projection that tiles, and the decode stack over them; then the
+        plain weights go (oneDNN's copies and the tiles serve every call)."""
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 w = m.weight.detach()
-                m.amx = torch.ops.vidya.amx_pack(w) if w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 else None
+                m.amx = self.kernels.amx_pack(w) if w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 else None
         self.stack = self._build_stack(model)
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         for m in model.modules():
@@ -236,24 +243,24 @@ class AmxOps(OneDnnOps):
 
     def linear(self, lin, x):
         if self._small(lin, x):
-            return torch.ops.vidya.amx_linear(x, lin.amx, lin.bias)
+            return self.kernels.amx_linear(x, lin.amx, lin.bias)
         return super().linear(lin, x)
 
     def gated_act(self, gate_up, x, act):
         if act == "silu" and self._small(gate_up, x) and gate_up.bias is None:
-            return torch.ops.vidya.amx_linear_silu(x, gate_up.amx)
+            return self.kernels.amx_linear_silu(x, gate_up.amx)
         return super().gated_act(gate_up, x, act)
 
     def argmax(self, lm_head, hidden):
         if self._small(lm_head, hidden) and lm_head.bias is None:
-            return torch.ops.vidya.amx_linear_argmax(hidden, lm_head.amx)
+            return self.kernels.amx_linear_argmax(hidden, lm_head.amx)
         return None
 
     def decoder_stack(self, model, x, rope, kv_caches, meta):
         if self.stack is None or x.shape[0] > self.MAX_ROWS:
             return None
         attn = model.layers[0].self_attn
-        return torch.ops.vidya.decode_layers(
+        return self.kernels.decode_layers(
             x, rope[0], rope[1], *self.stack, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
             meta.slot_mapping, meta.block_tables, meta.row_seq, meta.row_ctx, attn.num_heads, attn.num_kv_heads,
             attn.head_dim, model.norm.eps, attn.scale)

@@ -12,29 +12,11 @@
 // K/V vector once; a run of consecutive rows of one sequence (a prefill chunk) is cut into tiles
 // of up to 16 rows that share every K/V load (bf16 on AVX-512 BF16). Arithmetic in fp32; inputs
 // and output in the cache's dtype (bf16/fp16/fp32).
-#include "attention_generic.h"
-#if VIDYA_X86
-#include "x86/attention_amx.h"
-#endif
 #pragma once
-#include "common.h"
+#include "attention_generic.h"
+#include "dispatch.h"
 
 namespace vidya {
-
-#if VIDYA_X86
-using AttendTileBF16 = void (*)(const at::BFloat16*, int64_t, int64_t, int64_t, const at::BFloat16*,
-                                const at::BFloat16*, const int64_t*, int64_t, int64_t, int64_t, int64_t, float,
-                                TileScratch&, at::BFloat16*, int64_t);
-
-AttendTileBF16 pick_tile_kernel(int64_t D, int64_t BS) {
-  const bool amx = amx_ready() && BS % 16 == 0;
-  switch (D) {
-    case 64: return amx ? &attend_tile_amx<4> : &attend_tile_bf16<4>;
-    case 128: return amx ? &attend_tile_amx<8> : &attend_tile_bf16<8>;
-    default: return nullptr;
-  }
-}
-#endif
 
 template <typename T, typename TC = T>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -53,15 +35,17 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   int64_t max_ctx = 0;
   for (int64_t i = 0; i < T_; ++i) max_ctx = ctx[i] > max_ctx ? ctx[i] : max_ctx;
   T* op = out.data_ptr<T>();
-#if VIDYA_X86
-  AttendBF16 fast = nullptr;
+  // the bound level's kernels for these dtypes and shapes (nullptr: the portable rows)
+  const Kernels& k = kernels();
+  AttendRowBF16 fast = nullptr;
   AttendTileBF16 tile = nullptr;
-  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>)
-    if (has_avx512bf16() && D % 64 == 0) fast = pick_bf16_kernel(G), tile = window > 0 ? nullptr : pick_tile_kernel(D, BS);
-  const bool avx2_rows = isa_at_least(kAvx2) && D % 8 == 0;  // fp32 rows over a bf16 cache
-#else
-  const void* tile = nullptr;
-#endif
+  AttendRowF32BF16 mixed_rows = nullptr;
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>) {
+    if (k.attend_row_bf16 && D % 64 == 0) fast = k.attend_row_bf16(G);
+    if (k.attend_tile_bf16 && D % 64 == 0 && window == 0) tile = k.attend_tile_bf16(D, BS);
+  }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, at::BFloat16>)
+    if (D % 8 == 0) mixed_rows = k.attend_row_f32_bf16;
   // Work items: tiles of up to 16 consecutive rows of one sequence (prefill chunks), biggest
   // first, handed out dynamically (they cost far more than rows); then single rows in batch
   // order, a few at a time, so one thread reads all kv heads of a row's blocks in turn.
@@ -85,7 +69,6 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scores(static_cast<size_t>(G * max_ctx));
-#if VIDYA_X86
     if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>) {
       TileScratch ws;
 #pragma omp for schedule(dynamic, 1) nowait
@@ -95,7 +78,6 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
              it.h, BS, KVH, static_cast<float>(scale), ws, op + (it.row * H + it.h * G) * D, H * D);
       }
     }
-#endif
 #pragma omp for schedule(dynamic, 4 * KVH)
     for (int64_t k = 0; k < n_rows; ++k) {
       const int64_t row = rows[k] / KVH, h = rows[k] % KVH;
@@ -103,7 +85,6 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       const int64_t start = window > 0 && ctx[row] > window ? ctx[row] - window : 0;
       const int64_t* table = tables + seq[row] * W + start / BS;
       const int64_t n = ctx[row] - start, off0 = start % BS;
-#if VIDYA_X86
       if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>) {
         if (fast) {
           fast(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, D, BS, KVH,
@@ -112,13 +93,12 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
         }
       }
       if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, at::BFloat16>) {
-        if (avx2_rows) {
-          attend_row_avx2(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS, KVH,
+        if (mixed_rows) {
+          mixed_rows(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS, KVH,
                           static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
           continue;
         }
       }
-#endif
       attend_one<T, TC>(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS,
                     KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
     }

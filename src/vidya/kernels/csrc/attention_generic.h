@@ -1,10 +1,7 @@
 // Paged attention for one (row, kv head) work item in portable C++ (any dtype, fp32 arithmetic):
 // the path every CPU runs, compiled for AVX-512, AVX2 and baseline x86 by target_clones.
 #pragma once
-#include "common.h"
-#if VIDYA_X86
-#include "x86/attention_avx2.h"
-#endif
+#include "dispatch.h"
 
 namespace vidya {
 
@@ -19,6 +16,7 @@ void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __rest
                 T* __restrict out) {
   float qf[kMaxGroup * kMaxDim];
   float acc[kMaxGroup * kMaxDim];
+  const auto exp_sum = kernels().exp_sum;  // the level's softmax exponentials, where it has them
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(q[g * D + d]) * scale;
   const int64_t token_stride = KVH * D;
@@ -43,12 +41,9 @@ void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __rest
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < ctx; ++t) m = sg[t] > m ? sg[t] : m;
     float sum = 0.f;
-#if VIDYA_X86
-    if (isa_at_least(kAvx2)) {
-      sum = exp_sum_avx2(sg, ctx, m);
-    } else
-#endif
-    {
+    if (exp_sum) {
+      sum = exp_sum(sg, ctx, m);
+    } else {
       for (int64_t t = 0; t < ctx; ++t) {
         sg[t] = std::exp(sg[t] - m);
         sum += sg[t];

@@ -1,9 +1,9 @@
 // What every kernel file shares: headers, dtype helpers, and the ISA level the kernels may use.
 //
 // The level is bound once at start-up (`vidya::bind_isa`, called by vidya/platform.py, which
-// alone decides what this machine runs); until then it is the best this CPU offers. Kernels ask
-// `isa_at_least(...)`, never the CPU directly, so an override (e.g. VIDYA_BACKEND=avx2 on an AMX
-// machine) runs exactly the paths that CPU class would.
+// alone decides what this machine runs); until then it is the best this CPU offers. Ops read the
+// bound level's row of the dispatch table (dispatch.h), never the CPU directly, so an override
+// (e.g. VIDYA_BACKEND=avx2 on an AMX machine) runs exactly the paths that CPU class would.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -63,9 +63,6 @@ inline std::atomic<int64_t>& bound_isa() {
   static std::atomic<int64_t> level{cpu_isa()};
   return level;
 }
-
-inline bool isa_at_least(Isa level) { return bound_isa().load(std::memory_order_relaxed) >= level; }
-inline bool has_avx512bf16() { return isa_at_least(kAvx512Bf16); }
 
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }

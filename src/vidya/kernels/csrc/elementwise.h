@@ -1,11 +1,7 @@
 // The fused elementwise ops of a decoder layer (add + RMSNorm, SiLU * up, RoPE + KV-cache write)
 // and the argmax of logits rows; each matches the unfused torch ops it replaces.
-#if VIDYA_X86
-#include "x86/elementwise_avx2.h"
-#include "x86/elementwise_avx512bf16.h"
-#endif
 #pragma once
-#include "common.h"
+#include "dispatch.h"
 
 namespace vidya {
 
@@ -20,19 +16,18 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
   T* rp = residual.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
   const int64_t xs = x.stride(0), rs = residual.stride(0);
+  const auto row_bf16 = kernels().add_rms_norm_bf16;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> h(static_cast<size_t>(n));
     for (int64_t r = begin; r < end; ++r) {
       T* xr = xp + r * xs;
       T* rr = rp + r * rs;
-#if VIDYA_X86
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (has_avx512bf16() && n % 16 == 0) {
-          add_rms_norm_row_bf16(xr, rr, wp, n, static_cast<float>(eps), add, h.data());
+        if (row_bf16 && n % 16 == 0) {
+          row_bf16(xr, rr, wp, n, static_cast<float>(eps), add, h.data());
           continue;
         }
       }
-#endif
       float ss = 0.f;
       for (int64_t i = 0; i < n; ++i) {
         float v = add ? round_as<T>(to_f(rr[i]) + to_f(xr[i])) : to_f(xr[i]);
@@ -53,25 +48,24 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t gs = gate_up.stride(0);
+  const Kernels& k = kernels();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gp + r * gs;
       const T* u = g + n;
       T* o = op + r * n;
-#if VIDYA_X86
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (has_avx512bf16() && n % 16 == 0) {
-          silu_and_mul_row_bf16(g, u, o, n);
+        if (k.silu_and_mul_bf16 && n % 16 == 0) {
+          k.silu_and_mul_bf16(g, u, o, n);
           continue;
         }
       }
       if constexpr (std::is_same_v<T, float>) {
-        if (isa_at_least(kAvx2)) {
-          silu_and_mul_row_f32(g, u, o, n);
+        if (k.silu_and_mul_f32) {
+          k.silu_and_mul_f32(g, u, o, n);
           continue;
         }
       }
-#endif
       for (int64_t i = 0; i < n; ++i) {
         const float x = to_f(g[i]);
         o[i] = from_f<T>(round_as<T>(x / (1.f + std::exp(-x))) * to_f(u[i]));
@@ -95,6 +89,7 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   const int64_t qs = qkv.stride(0);
+  const auto row_bf16 = kernels().rotary_bf16;
   auto write_kv = [&](int64_t r) {
     if (!kcp) return;
     const T* k = p + r * qs + (heads - kv_heads) * D;
@@ -110,15 +105,13 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cp + r * D;
       const T* s = sp + r * D;
-#if VIDYA_X86
       if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (has_avx512bf16() && D % 32 == 0) {
-          rotary_row_bf16(p + r * qs, c, s, heads, D);
+        if (row_bf16 && D % 32 == 0) {
+          row_bf16(p + r * qs, c, s, heads, D);
           write_kv(r);
           continue;
         }
       }
-#endif
       for (int64_t h = 0; h < heads; ++h) {
         T* x = p + r * qs + h * D;
         for (int64_t i = 0; i < half; ++i) {
@@ -203,26 +196,25 @@ void rotary_cache_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
 at::Tensor argmax_rows(const at::Tensor& logits) {
   check_rows(logits, "logits");
   const int64_t rows = logits.size(0), n = logits.size(1), ld = logits.stride(0);
-  const bool bf16 = logits.scalar_type() == at::kBFloat16 && has_avx512bf16();
-  const bool f32 = logits.scalar_type() == at::kFloat && isa_at_least(kAvx2);
-  if (!VIDYA_X86 || !(bf16 || f32) || n == 0 || n >= (int64_t(1) << 31))
+  const Kernels& k = kernels();
+  const auto bf16 = logits.scalar_type() == at::kBFloat16 ? k.argmax_bf16 : nullptr;
+  const auto f32 = logits.scalar_type() == at::kFloat ? k.argmax_f32 : nullptr;
+  if (!(bf16 || f32) || n == 0 || n >= (int64_t(1) << 31))
     return std::get<1>(logits.max(-1));
   // (NaN entries are skipped; torch would return a NaN's index: a broken model either way)
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
-#if VIDYA_X86
   if (bf16) {
     const at::BFloat16* xp = logits.data_ptr<at::BFloat16>();
     at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_bf16(xp + r * ld, n);
+      for (int64_t r = begin; r < end; ++r) op[r] = bf16(xp + r * ld, n);
     });
   } else {
     const float* xp = logits.data_ptr<float>();
     at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row_f32(xp + r * ld, n);
+      for (int64_t r = begin; r < end; ++r) op[r] = f32(xp + r * ld, n);
     });
   }
-#endif
   return out;
 }
 

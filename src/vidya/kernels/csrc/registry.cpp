@@ -1,11 +1,12 @@
-// The one dispatch table: every vidya:: op and the implementation it runs. Which ISA's kernels
-// an op may use inside is bound once (bind_isa, from vidya/platform.py), not decided per call.
+// The op registry: every vidya:: op and the function that implements it. Which ISA's kernels an
+// op runs inside is the dispatch table's (dispatch.h), whose row is bound once (bind_isa, from
+// vidya/platform.py), not decided per call.
 #include "common.h"
 #include "attention.h"
 #include "elementwise.h"
+#include "gemm.h"
 #if VIDYA_X86
 #include "x86/gemm_amx.h"
-#include "x86/gemm_avx2.h"
 #include "x86/decode_layers_amx.h"
 #endif
 
@@ -60,8 +61,8 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_cache_", &rotary_cache_);
   m.impl("argmax_rows", &argmax_rows);
-#if VIDYA_X86
   m.impl("linear_w16", &linear_w16);
+#if VIDYA_X86
   m.impl("amx_pack", &amx_pack);
   m.impl("amx_linear", &amx_linear);
   m.impl("amx_linear_silu", &amx_linear_silu);

@@ -14,6 +14,4 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-inline bool amx_ready() { return isa_at_least(kAmx); }
-
 }  // namespace vidya

@@ -1,8 +1,8 @@
 // Prefill attention tiles on AMX (K tiles straight from the cache, P as A tiles, V pairs as B tiles).
+#pragma once
+#include "../kernels.h"
 #include "amx.h"
 #include "attention_avx512bf16.h"
-#pragma once
-#include "../common.h"
 
 namespace vidya {
 
@@ -101,6 +101,16 @@ VIDYA_AMX void attend_tile_amx(const at::BFloat16* q, int64_t q_stride, int64_t 
     }
   }
   _tile_release();
+}
+
+// AMX tiles where 16 consecutive keys are one tile of the cache (BS % 16 == 0); else AVX-512 BF16's
+inline AttendTileBF16 pick_tile_amx(int64_t D, int64_t BS) {
+  if (BS % 16 != 0) return pick_tile_bf16(D, BS);
+  switch (D) {
+    case 64: return &attend_tile_amx<4>;
+    case 128: return &attend_tile_amx<8>;
+    default: return nullptr;
+  }
 }
 
 }  // namespace vidya

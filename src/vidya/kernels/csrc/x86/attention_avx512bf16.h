@@ -1,8 +1,8 @@
 // Paged attention on AVX-512 BF16 (VDPBF16PS): decode rows (one query row per work item) and
 // prefill tiles of up to 16 rows in vector lanes.
-#include "avx512bf16.h"
 #pragma once
-#include "../common.h"
+#include "../kernels.h"
+#include "avx512bf16.h"
 
 namespace vidya {
 
@@ -107,10 +107,8 @@ VIDYA_AVX512BF16 void attend_bf16_avx512(const at::BFloat16* __restrict q, const
   }
 }
 
-using AttendBF16 = void (*)(const at::BFloat16*, const at::BFloat16*, const at::BFloat16*, const int64_t*,
-                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*, at::BFloat16*);
-
-AttendBF16 pick_bf16_kernel(int64_t G) {
+// the decode row for G query heads per kv head (the dispatch table's attend_row_bf16)
+inline AttendRowBF16 pick_bf16_kernel(int64_t G) {
   switch (G) {
     case 1: return &attend_bf16_avx512<1>;
     case 2: return &attend_bf16_avx512<2>;
@@ -129,14 +127,6 @@ AttendBF16 pick_bf16_kernel(int64_t G) {
 // into dimension pairs once, each key's pair broadcast from the cache (VDPBF16PS, no horizontal
 // sums). Scores in fp32, softmax per lane, P rounded to bf16 like the reference's probs.to(v.dtype).
 // PV: V repacked once per tile into key pairs (VNNI order), P broadcast pairwise per row.
-struct TileScratch {
-  std::vector<float> scores;                 // [cmax][16]
-  std::vector<uint32_t> pairs;               // [(cmax + 1) / 2][16]: (P[t], P[t+1]) per row
-  std::vector<at::BFloat16> vpairs;          // [(cmax + 1) / 2][D][2]
-  std::vector<const at::BFloat16*> keys;     // [cmax] key addresses
-  std::vector<const at::BFloat16*> values;   // [cmax] value addresses
-  std::vector<uint32_t> pa;                  // AMX: P as A tiles, [chunks of 32 keys][16 rows][16 pairs]
-};
 
 // The K and V addresses of a tile's first cmax keys (kv head kvh_index), from the block table.
 inline void collect_addresses(TileScratch& ws, const at::BFloat16* kc, const at::BFloat16* vc, const int64_t* table,
@@ -273,6 +263,16 @@ VIDYA_AVX512BF16 void attend_tile_bf16(const at::BFloat16* q, int64_t q_stride, 
                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][c], inv)));
       }
     }
+  }
+}
+
+// the prefill tile for head_dim D (the dispatch table's attend_tile_bf16)
+inline AttendTileBF16 pick_tile_bf16(int64_t D, int64_t BS) {
+  (void)BS;
+  switch (D) {
+    case 64: return &attend_tile_bf16<4>;
+    case 128: return &attend_tile_bf16<8>;
+    default: return nullptr;
   }
 }
 

@@ -1,9 +1,8 @@
 // Every decoder layer of a small (decode) batch in one call, on the AMX matmul.
+#pragma once
 #include "../attention.h"
 #include "../elementwise.h"
 #include "gemm_amx.h"
-#pragma once
-#include "../common.h"
 
 namespace vidya {
 

@@ -1,7 +1,6 @@
 // AVX-512 BF16 rows of the elementwise ops (norm, SiLU*up, RoPE) and the argmax of a bf16 row.
-#include "avx512bf16.h"
 #pragma once
-#include "../common.h"
+#include "avx512bf16.h"
 
 namespace vidya {
 

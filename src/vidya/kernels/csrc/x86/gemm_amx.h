@@ -1,8 +1,8 @@
 // Small-batch bf16 matmul on AMX (decode steps), with SiLU*up and argmax epilogues.
+#pragma once
+#include "../dispatch.h"
 #include "amx.h"
 #include "avx512bf16.h"
-#pragma once
-#include "../common.h"
 
 namespace vidya {
 
@@ -220,7 +220,7 @@ at::Tensor amx_linear_silu(const at::Tensor& x, const at::Tensor& packed) {
 // argmax over the columns of x W^T (rounded to bf16), per row, first maximum: the lm_head and
 // greedy sampling in one pass, without writing [M, vocab] logits. Same ids as argmax_rows(amx_linear(..)).
 at::Tensor amx_linear_argmax(const at::Tensor& x, const at::Tensor& packed) {
-  TORCH_CHECK(amx_ready(), "amx_linear_argmax: this CPU (or kernel) offers no AMX");
+  TORCH_CHECK(kernels().amx, "amx_linear_argmax: this CPU (or kernel) offers no AMX");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && x.size(1) == packed.size(1) * 32 &&
               x.size(0) <= kAmxMaxRows, "amx_linear_argmax: need bf16 x [M <= 64, K] and a weight from amx_pack");
@@ -259,7 +259,7 @@ at::Tensor amx_linear_argmax(const at::Tensor& x, const at::Tensor& packed) {
 
 at::Tensor amx_linear_impl(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                            bool silu) {
-  TORCH_CHECK(amx_ready(), "amx_linear: this CPU (or kernel) offers no AMX");
+  TORCH_CHECK(kernels().amx, "amx_linear: this CPU (or kernel) offers no AMX");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() && x.size(1) == packed.size(1) * 32 &&
               x.size(0) <= kAmxMaxRows, "amx_linear: need bf16 x [M <= 64, K] and a weight from amx_pack");
@@ -296,6 +296,6 @@ at::Tensor amx_linear_impl(const at::Tensor& x, const at::Tensor& packed, const 
   return y;
 }
 
-bool amx_available() { return amx_ready(); }
+bool amx_available() { return kernels().amx; }
 
 }  // namespace vidya

@@ -8,18 +8,15 @@
 //   column j, so one 32-byte load read as 8 int32 lanes gives columns 0-7 by masking off the low
 //   halves and columns 8-15 by shifting them up: two ALU ops for 16 widened weights.
 //
-// Decode-sized batches (M <= kW16SmallM) run a 6 x 16 register-tiled kernel per strip (12 fp32
+// Decode-sized batches (M <= kW16SmallM, gemm.h) run a 6 x 16 register-tiled kernel per strip (12 fp32
 // accumulators, x broadcast a row at a time; a strip, 16 x K bf16, stays in L1 while every
 // 6-row tile of x passes over it). Bigger batches widen a chunk of strips into a [K, n] fp32
 // buffer (it is W^T, row-major) and let torch's fp32 GEMM multiply it: widening costs K x n
 // per chunk against 2 M K n flops.
 #pragma once
-#include "../common.h"
-#include <ATen/ThreadLocalState.h>
+#include "../kernels.h"
 
 namespace vidya {
-
-constexpr int64_t kW16SmallM = 96;
 
 // 16 widened weights of strip row k: (columns 0-7, columns 8-15)
 __attribute__((target("avx2,fma"))) inline void widen16(const at::BFloat16* p, __m256& lo, __m256& hi) {
@@ -93,7 +90,6 @@ __attribute__((target("avx2,fma"))) void w16_tile(const float* x, int64_t ldx, c
   }
 }
 
-using W16Tile = void (*)(const float*, int64_t, const at::BFloat16*, int64_t, const float*, float*, int64_t, int64_t);
 inline W16Tile w16_tile_for(int64_t rows) {
   static constexpr W16Tile tiles[7] = {nullptr, &w16_tile<1>, &w16_tile<2>, &w16_tile<3>,
                                        &w16_tile<4>, &w16_tile<5>, &w16_tile<6>};
@@ -109,61 +105,6 @@ __attribute__((target("avx2,fma"))) inline void widen_strip(const at::BFloat16* 
     _mm256_storeu_ps(buf + k * ld, lo);
     _mm256_storeu_ps(buf + k * ld + 8, hi);
   }
-}
-
-// y[M, N] = x[M, K] W^T (+ bias); x fp32 rows, W packed as above, bias fp32 [N] or none.
-at::Tensor linear_w16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                      int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "linear_w16: x must be fp32 [M, K] rows");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
-              packed.size(2) == 16 && packed.size(1) == x.size(1) && N > 0 && (N + 15) / 16 == packed.size(0),
-              "linear_w16: weight must be bf16 packed as [ceil(N / 16), K, 16] (pack_w16)");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
-              "linear_w16: bias must be fp32 [N]");
-  TORCH_CHECK(isa_at_least(kAvx2), "linear_w16 needs AVX2");
-  const int64_t M = x.size(0), K = x.size(1), S = packed.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-  const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  float* yp = y.data_ptr<float>();
-  if (M <= kW16SmallM) {
-    // bias padded to whole strips (the kernel reads 16 at a time)
-    std::vector<float> bias16;
-    if (bp) {
-      bias16.assign(static_cast<size_t>(S * 16), 0.f);
-      std::memcpy(bias16.data(), bp, sizeof(float) * N);
-    }
-    at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t n_valid = std::min<int64_t>(16, N - s * 16);
-        for (int64_t m = 0; m < M; m += 6) {
-          const int64_t rows = std::min<int64_t>(6, M - m);
-          w16_tile_for(rows)(xp + m * ldx, ldx, wp + s * K * 16, K, bp ? bias16.data() + s * 16 : nullptr,
-                             yp + m * N + s * 16, N, n_valid);
-        }
-      }
-    });
-    return y;
-  }
-  // prefill-sized: widen ~4 MB of strips at a time, then one fp32 GEMM over all threads
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 20) / (16 * K));  // strips per chunk
-  const int64_t width = std::min(chunk, S) * 16;
-  at::Tensor buf = at::empty({K, width}, x.options());
-  float* bd = buf.data_ptr<float>();
-  for (int64_t s0 = 0; s0 < S; s0 += chunk) {
-    const int64_t ns = std::min(chunk, S - s0), n0 = s0 * 16, n = std::min(ns * 16, N - n0);
-    at::parallel_for(0, ns, 1, [&](int64_t a, int64_t b) {
-      for (int64_t s = a; s < b; ++s) widen_strip(wp + (s0 + s) * K * 16, K, bd + s * 16, width);
-    });
-    const at::Tensor wt = buf.narrow(1, 0, n);
-    at::Tensor yc = y.narrow(1, n0, n);
-    if (bias) at::addmm_out(yc, bias->narrow(0, n0, n), x, wt);
-    else at::mm_out(yc, x, wt);
-  }
-  return y;
 }
 
 }  // namespace vidya

@@ -14,10 +14,11 @@ if not torch.cuda.is_available():  # the Triton attention kernels run interprete
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vidya.models.tiny import ARCHS, SLIDING_WINDOW, tiny_config, tiny_model  # noqa: E402,F401
+from vidya.platform import ISAS  # noqa: E402
 
 # the ISA levels of vidya's C++ kernels, lowest first (vidya/platform.py's names; generic: the
 # portable C++ alone, the dispatch table's first row, which every other level builds on)
-KERNEL_ISAS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
+KERNEL_ISAS = tuple(reversed(ISAS))
 
 
 def isa_at_least(isa: str, level: str) -> bool:

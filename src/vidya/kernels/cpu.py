@@ -1,8 +1,8 @@
 """Builds and loads vidya's C++ CPU kernels (csrc/) with torch's own extension tooling, once per
 machine (cached under ~/.cache/torch_extensions). The sources are one translation unit:
-csrc/registry.cpp includes each job's files (attention, elementwise, GEMM), and the x86 ones
-(csrc/x86/, one file per ISA where kernels differ) only on x86; adding an ISA is adding files
-there and their includes. Where no compiler is available, `available()` is False (with one
+csrc/registry.cpp includes each job's files (attention, elementwise, GEMM), which run the kernels
+of csrc/dispatch.h's table: a row per ISA level, filled from the x86 files (csrc/x86/, one file per
+ISA where kernels differ) only on x86; adding an ISA is adding its files and its row. Where no compiler is available, `available()` is False (with one
 warning) and vidya/platform.py picks the torch reference ops instead. Nothing here decides which
 ISA runs: platform.py binds that once (`bind_isa`).
 
@@ -20,12 +20,15 @@ import threading
 
 import torch
 
+from vidya.platform import ISAS
+
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCE = os.path.join(CSRC, "registry.cpp")
-# ISA levels as the kernels number them (csrc/common.h), by vidya/platform.py's names
-LEVELS = {"generic": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
+# ISA levels as the kernels number them (csrc/common.h's enum Isa: generic 0 up to amx), by
+# vidya/platform.py's names (best first there)
+LEVELS = {name: n for n, name in enumerate(reversed(ISAS))}
 
 
 def available() -> bool:
@@ -41,7 +44,7 @@ def emulated_ops():
     CPU offers every level; None where they cannot build (not x86, no AVX2, no compiler)."""
     with _lock:
         if "emulated" not in _state:
-            from vidya.platform import ISAS, cpu_isa
+            from vidya.platform import cpu_isa
             _state["emulated"] = ISAS.index(cpu_isa()) <= ISAS.index("avx2") and _build(emulated=True)
         return torch.ops.vidya_emu if _state["emulated"] else None
 

@@ -36,9 +36,15 @@ def test_override_errors_say_what_to_do(monkeypatch):
     monkeypatch.setenv("VIDYA_BACKEND", "fastest")
     with pytest.raises(ValueError, match="VIDYA_BACKEND must be one of"):
         plat.resolve_platform()
-    monkeypatch.setenv("VIDYA_BACKEND", "amx")
-    if plat.cpu_isa() != "amx":
-        with pytest.raises(ValueError, match="this CPU has only"):
+    with monkeypatch.context() as m:  # (on any CPU: one without AMX, and one without AVX2)
+        m.setattr(plat, "cpu_isa", lambda flags=None: "avx2")
+        m.setenv("VIDYA_BACKEND", "amx")
+        with pytest.raises(ValueError, match="VIDYA_BACKEND amx: this CPU has only avx2; use auto or one of avx2"):
+            plat.resolve_platform()
+        m.setattr(plat, "cpu_isa", lambda flags=None: "generic")
+        with pytest.raises(ValueError, match="--backend cpu: vidya's C\\+\\+ kernels need an x86 CPU with AVX2"):
+            plat.resolve_platform(backend="cpu")
+        with pytest.raises(ValueError, match="VIDYA_BACKEND amx: this CPU has only generic; use auto or torch"):
             plat.resolve_platform()
     monkeypatch.setenv("VIDYA_BACKEND", "torch")
     p = plat.resolve_platform()

@@ -171,9 +171,13 @@ def _cpu_platform(dev: torch.device, dtype: str, backend: str, source: str) -> P
     isa, note = have, ""
     if backend in ISAS:
         if ISAS.index(backend) < ISAS.index(have):
-            raise ValueError(f"{source} {backend}: this CPU has only {have}; use auto or one of "
-                             f"{', '.join(ISAS[ISAS.index(have):-1])}")
+            lower = ISAS[ISAS.index(have):-1]
+            raise ValueError(f"{source} {backend}: this CPU has only {have}; use auto or "
+                             + (f"one of {', '.join(lower)}" if lower else "torch (the reference ops)"))
         isa = backend
+    if backend == "cpu" and have == "generic":
+        raise ValueError(f"{source} cpu: vidya's C++ kernels need an x86 CPU with AVX2, and this one has "
+                         f"neither; use auto or torch (the reference ops)")
     use_kernels = backend != "torch" and isa != "generic"
     if backend != "torch" and isa == "generic":
         note = "no AVX2 here (or not x86): vidya's C++ kernels need it; the torch reference ops serve"

@@ -45,7 +45,7 @@ browser:
 		|| echo "WARNING: could not install chromium; the tutor page's browser tests will be skipped"
 
 test: install browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 bench: install
 	$(VENV)/bin/vidya bench throughput --baseline hf

@@ -302,9 +302,8 @@ def test_the_emulated_kernels_agree_with_the_cpu_that_has_the_level(level):
     """Where this CPU has the level itself, the emulated build (which the `kernel` fixture uses on
     CPUs without it) gives what the hardware gives: paged attention's rows and tiles, and at AMX
     the matmul, up to the order of the hardware's sums."""
-    from conftest import KERNEL_ISAS, isa_at_least
     have = kernels.cpu_level()
-    if have not in KERNEL_ISAS or not isa_at_least(have, level):
+    if not isa_at_least(have, level):
         pytest.skip(f"this CPU offers {have}, not {level}: nothing to check the emulation against")
     emu = kernels.emulated_ops()
     assert emu is not None, "the emulated kernels did not build on an x86 CPU with AVX2"

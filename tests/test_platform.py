@@ -12,6 +12,14 @@ from vidya import SamplingParams
 from vidya import platform as plat
 
 AVX2 = {"avx2", "fma", "f16c"}
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Device auto means the CPU in these tests, on a machine with a GPU too (the GPU's branch has
+    its own test below)."""
+    real = plat.resolve_device
+    monkeypatch.setattr(plat, "resolve_device", lambda device="auto": real("cpu" if device == "auto" else device))
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 
@@ -30,7 +38,7 @@ def test_not_x86_is_generic(monkeypatch):
     assert plat.cpu_isa(AVX512) == "generic"
 
 
-def test_override_errors_say_what_to_do(monkeypatch):
+def test_override_errors_say_what_to_do(on_cpu, monkeypatch):
     with pytest.raises(ValueError, match="--backend must be one of"):
         plat.resolve_platform(backend="sse")
     monkeypatch.setenv("VIDYA_BACKEND", "fastest")
@@ -51,7 +59,7 @@ def test_override_errors_say_what_to_do(monkeypatch):
     assert p.backend == "torch" and "torch reference ops" in p.describe()
 
 
-def test_each_cpu_class_gets_its_dtypes(monkeypatch):
+def test_each_cpu_class_gets_its_dtypes(on_cpu, monkeypatch):
     """bf16 math where the CPU has it; fp32 math over 16-bit weights and KV cache where not."""
     for isa in ("avx2", "avx512"):
         if plat.ISAS.index(isa) >= plat.ISAS.index(plat.cpu_isa()):
@@ -62,10 +70,11 @@ def test_each_cpu_class_gets_its_dtypes(monkeypatch):
     assert (p.dtype, p.weight_dtype, p.kv_dtype) == (torch.float32,) * 3  # asked for: all fp32
 
 
-def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, monkeypatch, capsys):
+def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, on_cpu, monkeypatch, capsys):
     """...with one start-up line that says so: `vidya serve`'s loading path (launcher.load_engine,
     the platform resolved once before the port opens) prints the reason once."""
     from vidya.config import EngineArgs
+    from vidya.engine import llm_engine
     from vidya.engine.llm_engine import engine_platform
     from vidya.server import launcher
     from vidya.server.app import ServerSettings, ServerState
@@ -74,7 +83,7 @@ def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, monkeypat
     p = engine_platform(args)
     assert (p.backend, p.isa, p.dtype) == ("torch", "generic", torch.float32)
     assert "no AVX2" in p.describe() and "no AVX2" not in p.describe(note=False)
-    monkeypatch.setattr(plat, "resolve_platform", lambda *a, **k: pytest.fail("the platform was resolved twice"))
+    monkeypatch.setattr(llm_engine, "resolve_platform", lambda *a, **k: pytest.fail("the platform was resolved twice"))
     state = ServerState()
     launcher.load_engine(args, p, ServerSettings(served_model_names=["tiny"], warm_tutor_prompts=False), state,
                          server=None)  # (the server is touched only when loading fails)
@@ -112,7 +121,7 @@ def test_a_gpu_refuses_a_cpu_backend_and_takes_torch_for_the_reference(monkeypat
     assert plat.resolve_platform(tensor_parallel=True).attention == "triton"  # (split on the GPU's own ops)
 
 
-def test_tensor_parallelism_runs_on_the_torch_ops(monkeypatch):
+def test_tensor_parallelism_runs_on_the_torch_ops(on_cpu, monkeypatch):
     p = plat.resolve_platform(tensor_parallel=True)
     assert (p.backend, p.attention) == ("torch", "torch")
     with pytest.raises(ValueError, match="--backend avx2 cannot be split"):
@@ -122,7 +131,7 @@ def test_tensor_parallelism_runs_on_the_torch_ops(monkeypatch):
         plat.resolve_platform(tensor_parallel=True)
 
 
-def test_attention_backend_choice_and_its_errors(monkeypatch):
+def test_attention_backend_choice_and_its_errors(on_cpu, monkeypatch):
     """`--attention-backend` / VIDYA_ATTENTION_BACKEND, read once: the C++ kernels bring their own
     attention; torch and triton run beside the torch ops; triton on CPU only interpreted."""
     auto = plat.resolve_platform()
@@ -144,10 +153,9 @@ def test_attention_backend_choice_and_its_errors(monkeypatch):
         with pytest.raises(ValueError, match="add --backend torch"):
             plat.resolve_platform(backend="cpu", attention="torch")
     pytest.importorskip("triton", reason="the triton package is not installed here")
-    if not torch.cuda.is_available():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        with pytest.raises(ValueError, match="triton needs a CUDA GPU"):
-            plat.resolve_platform(attention="triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton needs a CUDA GPU"):
+        plat.resolve_platform(attention="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = plat.resolve_platform(attention="triton")
-    assert (p.backend, p.attention) == ("torch" if p.device.type == "cpu" else "cuda", "triton")
+    assert (p.backend, p.attention) == ("torch", "triton")

@@ -14,7 +14,6 @@
 // and output in the cache's dtype (bf16/fp16/fp32).
 #pragma once
 #include "attention_generic.h"
-#include "dispatch.h"
 
 namespace vidya {
 
@@ -36,16 +35,16 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   for (int64_t i = 0; i < T_; ++i) max_ctx = ctx[i] > max_ctx ? ctx[i] : max_ctx;
   T* op = out.data_ptr<T>();
   // the bound level's kernels for these dtypes and shapes (nullptr: the portable rows)
-  const Kernels& k = kernels();
+  const Kernels& kern = kernels();
   AttendRowBF16 fast = nullptr;
   AttendTileBF16 tile = nullptr;
   AttendRowF32BF16 mixed_rows = nullptr;
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<TC, T>) {
-    if (k.attend_row_bf16 && D % 64 == 0) fast = k.attend_row_bf16(G);
-    if (k.attend_tile_bf16 && D % 64 == 0 && window == 0) tile = k.attend_tile_bf16(D, BS);
+    if (kern.attend_row_bf16 && D % 64 == 0) fast = kern.attend_row_bf16(G);
+    if (kern.attend_tile_bf16 && D % 64 == 0 && window == 0) tile = kern.attend_tile_bf16(D, BS);
   }
   if constexpr (std::is_same_v<T, float> && std::is_same_v<TC, at::BFloat16>)
-    if (D % 8 == 0) mixed_rows = k.attend_row_f32_bf16;
+    if (D % 8 == 0) mixed_rows = kern.attend_row_f32_bf16;
   // Work items: tiles of up to 16 consecutive rows of one sequence (prefill chunks), biggest
   // first, handed out dynamically (they cost far more than rows); then single rows in batch
   // order, a few at a time, so one thread reads all kv heads of a row's blocks in turn.
@@ -100,7 +99,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
         }
       }
       attend_one<T, TC>(qp + row * qrs + h * G * D, kp, vp, table, n, off0, h, G, D, BS,
-                    KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D);
+                    KVH, static_cast<float>(scale), scores.data(), op + (row * H + h * G) * D, kern.exp_sum);
     }
   }
 }

@@ -1,5 +1,5 @@
 // Paged attention for one (row, kv head) work item in portable C++ (any dtype, fp32 arithmetic):
-// the path every CPU runs, compiled for AVX-512, AVX2 and baseline x86 by target_clones.
+// the path every CPU runs (on x86 compiled for AVX-512, AVX2 and the baseline by target_clones).
 #pragma once
 #include "dispatch.h"
 
@@ -8,15 +8,17 @@ namespace vidya {
 // q and out in T, the cache in TC (fp32 rows over a bf16 cache on CPUs without bf16 math). The
 // row attends to `ctx` keys from key `off0` of table[0]'s block on (the row kernels' contract:
 // off0 > 0 where a sliding window starts mid-block; the caller moves `table` to its first block).
+// `exp_sum`: the bound level's softmax exponentials (the dispatch table's), or nullptr.
 template <typename T, typename TC = T>
+#if VIDYA_X86
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void attend_one(const T* __restrict q, const TC* __restrict kc, const TC* __restrict vc,
                 const int64_t* __restrict table, int64_t ctx, int64_t off0, int64_t kvh_index, int64_t G,
                 int64_t D, int64_t BS, int64_t KVH, float scale, float* __restrict scores,
-                T* __restrict out) {
+                T* __restrict out, float (*exp_sum)(float*, int64_t, float)) {
   float qf[kMaxGroup * kMaxDim];
   float acc[kMaxGroup * kMaxDim];
-  const auto exp_sum = kernels().exp_sum;  // the level's softmax exponentials, where it has them
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(q[g * D + d]) * scale;
   const int64_t token_stride = KVH * D;

@@ -4,6 +4,7 @@
 // this is. Adding an ISA (ARM NEON next) is adding its kernel files, its add_ function and its
 // line below.
 #pragma once
+#include <array>
 #include "kernels.h"
 #if VIDYA_X86
 #include "x86/kernels_avx2.h"
@@ -14,10 +15,11 @@
 namespace vidya {
 
 inline const Kernels& kernels_for(int64_t level) {
-  static const std::vector<Kernels> table = [] {
-    std::vector<Kernels> t(kAmx + 1);  // kGeneric: every entry nullptr, the portable C++ throughout
+  // (a plain array: nothing to destroy at exit, while an engine thread may still be in an op)
+  static const std::array<Kernels, kAmx + 1> table = [] {
+    std::array<Kernels, kAmx + 1> t{};  // kGeneric: every entry nullptr, the portable C++ throughout
     // each level: the one below it, plus its own files' kernels
-    auto level = [&](Isa l, void (*add)(Kernels&)) {
+    [[maybe_unused]] auto level = [&](Isa l, void (*add)(Kernels&)) {
       t[l] = t[l - 1];
       if (add) add(t[l]);
     };

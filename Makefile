@@ -8,7 +8,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser serve chat test bench clean
+.PHONY: install browser arm-compiler serve chat test bench clean
 
 $(STAMP): pyproject.toml Makefile package.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,12 @@ browser:
 	command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; } \
 		|| echo "WARNING: could not install chromium; the tutor page's browser tests will be skipped"
 
-test: install browser
+# Debian's aarch64 cross compiler: a test compiles the C++ kernels as an ARM machine would.
+arm-compiler:
+	command -v aarch64-linux-gnu-g++ >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q g++-aarch64-linux-gnu; } \
+		|| echo "WARNING: could not install g++-aarch64-linux-gnu; the ARM build test will be skipped"
+
+test: install browser arm-compiler
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 bench: install

@@ -341,6 +341,23 @@ def test_the_sources_compile_for_a_cpu_that_is_not_x86():
     assert out.returncode == 0, out.stderr[-4000:]
 
 
+def test_the_sources_compile_for_arm():
+    """The same sources compiled to code by GCC for aarch64 (Debian's cross compiler, which `make
+    test` installs): what the syntax check above cannot see, such as x86-only attributes on
+    templates, which GCC checks only when it generates their code."""
+    import shutil
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        pytest.skip("no aarch64 cross compiler here (apt-get install g++-aarch64-linux-gnu)")
+    out = subprocess.run([cxx, "-std=c++17", "-O0", "-c", "-o", "/dev/null", "-fopenmp",
+                          *[f"-I{p}" for p in include_paths()], f"-I{kernels.CSRC}", kernels.SOURCE],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
 @pytest.mark.parametrize("dtype,q_dtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
                                                (torch.bfloat16, torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 2, 32)])

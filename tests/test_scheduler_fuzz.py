@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import zlib
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from vidya.config import SchedulerConfig
@@ -61,11 +63,13 @@ class FakeEngine:
 
 @settings(max_examples=120, deadline=None)
 @given(ops=ops, block_size=st.integers(1, 5), num_blocks=st.integers(8, 40),
-       budget=st.integers(1, 16), max_seqs=st.integers(1, 6), caching=st.booleans(), ahead=st.booleans())
-def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, budget, max_seqs, caching, ahead):
+       budget=st.integers(1, 16), max_seqs=st.integers(1, 6), caching=st.booleans(), ahead=st.booleans(),
+       threshold=st.integers(0, 6))
+def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, budget, max_seqs, caching, ahead,
+                                                threshold):
     rng = random.Random(0)
     kv = KVCacheManager(num_blocks, block_size, caching)
-    sched = Scheduler(SchedulerConfig(max_seqs, budget, 64), kv)
+    sched = Scheduler(SchedulerConfig(max_seqs, budget, 64, threshold), kv)
     engine = FakeEngine(sched, ahead)
     added = []
     prefixes = [[rng.randrange(3, 20) for _ in range(12)] for _ in range(4)]
@@ -202,7 +206,7 @@ def test_planning_ahead_holds_back_only_for_a_request_that_then_joins():
         rng = random.Random(seed)
         bs = rng.randint(1, 4)
         kv = KVCacheManager(rng.randint(6, 24), bs, True)
-        sched = Scheduler(SchedulerConfig(rng.randint(2, 6), rng.randint(4, 24), 64), kv)
+        sched = Scheduler(SchedulerConfig(rng.randint(2, 6), rng.randint(4, 24), 64, rng.choice([0, 0, 2, 5])), kv)
         engine = FakeEngine(sched, ahead=True)
         prefixes = [[rng.randrange(3, 20) for _ in range(3 * bs)] for _ in range(2)]
         n = 0
@@ -223,3 +227,64 @@ def test_planning_ahead_holds_back_only_for_a_request_that_then_joins():
             declined += engine.joins is not None
             engine.check()
     assert declined > 50, declined  # the case under test came up
+
+
+def test_a_long_prompt_shares_its_steps_with_requests_that_come_after_it():
+    """With `long_prefill_token_threshold`, a long prompt's chunk leaves room in every step for
+    a request that arrives during its prefill: that one runs its prompt and decodes beside the
+    long prefill instead of waiting for it to end (without the cap: the long prompt takes the
+    whole budget until its last chunk)."""
+    def run(threshold: int) -> tuple[list[int], int]:
+        kv = KVCacheManager(64, 4)
+        sched = Scheduler(SchedulerConfig(4, 16, 128, threshold), kv)
+        long = Request("long", list(range(3, 83)), SamplingParams(max_tokens=2), None, 2)
+        sched.add_request(long)
+        chunks, short = [], None
+        for step in range(100):
+            if step == 1:
+                short = Request("short", [5, 6, 7], SamplingParams(max_tokens=3), None, 3)
+                sched.add_request(short)
+            out = sched.schedule()
+            chunks.append(next((s.num_new_tokens for s in out.scheduled if s.request is long), 0))
+            sched.update_from_output(out, {s.request.request_id: 9 for s in out.scheduled if s.samples})
+            sched.check()
+            if short is not None and short.is_finished:
+                return chunks, long.num_computed_tokens
+        raise AssertionError("the short request never finished")
+    chunks, long_done = run(threshold=4)
+    assert chunks[0] == 4 and all(c <= 4 for c in chunks)
+    assert long_done < 80  # the short request finished while the long prompt was still prefilling
+    chunks, long_done = run(threshold=0)
+    assert long_done >= 80  # without the cap it waited for the whole prefill
+
+
+@pytest.mark.parametrize("threshold", [8, 0])
+def test_the_engine_answers_a_short_request_during_a_long_prefill(tiny_models, threshold):
+    """Through the engine (tiny Llama): a short request added after a long prompt's first step
+    finishes while that prompt is still prefilling, with the cap; without it, only after. Either
+    way every answer is the same greedy answer."""
+    from conftest import make_engine
+    from vidya import SamplingParams as SP
+    engine = make_engine(tiny_models["llama"][0], max_num_batched_tokens=32, long_prefill_token_threshold=threshold)
+    greedy = lambda n: SP(temperature=0.0, max_tokens=n, min_tokens=n)
+    long = engine.add_request("long", list(range(5, 205)), greedy(3))
+    outs = {o.request_id: o for o in engine.step()}
+    engine.add_request("short", [5, 6, 7], greedy(3))
+    long_tokens_when_short_ended = None  # the long prompt's answer so far: none while it prefills
+    for _ in range(200):
+        for o in engine.step():
+            outs[o.request_id] = o
+        if long_tokens_when_short_ended is None and outs.get("short") and outs["short"].finished:
+            long_tokens_when_short_ended = len(outs["long"].outputs[0].token_ids) if long in outs else 0
+        if not engine.has_unfinished_requests():
+            break
+    assert outs["long"].finished and outs["short"].finished
+    assert (long_tokens_when_short_ended == 0) == bool(threshold), long_tokens_when_short_ended
+    ref = make_engine(tiny_models["llama"][0])
+    for rid, prompt in (("long", list(range(5, 205))), ("short", [5, 6, 7])):
+        ref.add_request(rid, prompt, greedy(3))
+    want = {}
+    while ref.has_unfinished_requests():
+        want.update({o.request_id: o for o in ref.step()})
+    assert [outs[r].outputs[0].token_ids for r in ("long", "short")] == \
+        [want[r].outputs[0].token_ids for r in ("long", "short")]

@@ -15,6 +15,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="a prompt's chunk in a step is at most this many tokens, so that a long prompt leaves room "
+                        "for other requests in every step "
+                        "(default 512; 0: no cap)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -48,6 +52,7 @@ def engine_args(args, show_progress: bool = True):
     from vidya.config import EngineArgs
     return EngineArgs(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      long_prefill_token_threshold=args.long_prefill_token_threshold,
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,

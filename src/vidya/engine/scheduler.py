@@ -6,6 +6,9 @@ Each step:
      recently admitted running request is preempted (recompute) to make room;
   2. then waiting requests, front first, while budget, `max_num_seqs` and blocks last; a prefix
      hit is found before the chunk is sized.
+A prompt's chunk is at most `long_prefill_token_threshold` tokens (vLLM's name): a long prompt
+then leaves room in each step for the others (their decodes, and a prompt that arrives during
+its prefill) instead of taking the budget until its prefill ends.
 `update_from_output` applies the sampled tokens and finishes requests; their blocks go back to
 the pool at once, so the next `schedule()` admits waiting requests into the freed room.
 """
@@ -94,7 +97,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -160,7 +163,7 @@ class Scheduler:
             return False
         req = self.waiting[0]
         hits, num_hit = self.kv.get_computed_blocks(req)
-        n = min(req.num_tokens - num_hit, budget)
+        n = self._chunk(req.num_tokens - num_hit, budget)
         taken = sum(b.ref_cnt == 0 or b.block_id in freed for b in hits)
         return -(-(num_hit + n) // self.kv.block_size) - len(hits) + taken <= free_blocks + len(freed)
 
@@ -169,7 +172,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - num_hit, budget)
+            n = self._chunk(req.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, n, hits):
                 break  # no room: it waits, in order, until blocks come back
             self.waiting.popleft()
@@ -182,6 +185,12 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
             budget -= n
         return budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a request computes this step: what it has left, within the budget and the
+        long-prefill threshold."""
+        cap = self.config.long_prefill_token_threshold
+        return min(remaining, budget, cap) if cap else min(remaining, budget)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -80,6 +80,9 @@ def test_bad_plan_input_is_a_clear_message(tmp_path, sweep_file):
     r = vidya("plan", "--sweep", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "cannot read sweep" in r.stderr and "vidya bench sweep" in r.stderr
     assert "Traceback" not in r.stderr
+    (tmp_path / "other.json").write_text('{"model": "tiny"}')  # JSON, but not a sweep
+    r = vidya("plan", "--sweep", str(tmp_path / "other.json"))
+    assert r.returncode == 2 and "has no field 'levels'" in r.stderr and "KeyError" not in r.stderr, r.stderr
     r = vidya("plan", "--sweep", sweep_file, "--peak-hour-share", "1.5")
     assert r.returncode == 2 and "--peak-hour-share must be in (0, 1]" in r.stderr
     for flag, value in (("--p99-ttft", "nan"), ("--replica-cost-per-month", "inf"), ("--api-price-per-million-tokens", "-1")):

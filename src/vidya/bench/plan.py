@@ -144,7 +144,10 @@ def read_sweep(path: str) -> dict:
             if not isinstance(r.get("ttft_p99_ms", 0), (int, float, type(None))):
                 raise ValueError(f"level field 'ttft_p99_ms' is {r['ttft_p99_ms']!r}, not a number")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read sweep {path}: {type(e).__name__} {e}; write one with "
+        why = (f"it has no field {e.args[0]!r}" if isinstance(e, KeyError)
+               else f"not a JSON object with a list of levels" if isinstance(e, TypeError)
+               else getattr(e, "strerror", None) or str(e))
+        raise ValueError(f"cannot read sweep {path}: {why}; write one with "
                          f"vidya bench sweep --base-url URL --json {path}") from None
     if levels and not any(r["completed"] for r in levels):
         first = next((e for r in levels for e in r.get("errors") or []), "no error recorded")

@@ -37,7 +37,7 @@ def test_first_tutor_request_finds_its_system_prompt_cached(fresh_server):
 
 
 def test_prefix_waves_compute_each_shared_block_once():
-    from vidya.engine.llm_engine import prefix_waves
+    from vidya.engine.prefix_waves import prefix_waves
     base = list(range(100, 132))  # two blocks of 16 every prompt shares
     a1, a2 = base + [1] * 16 + [7] * 5, base + [1] * 16 + [8] * 5  # share a third block
     b1, b2 = base + [2] * 16 + [7] * 5, base + [2] * 16 + [8] * 5

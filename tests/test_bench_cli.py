@@ -95,3 +95,19 @@ def test_host_step_bench_runs_and_reports_the_host_time():
     assert m, p.stdout
     total, outputs, left = map(float, m.groups())
     assert total > outputs > 0 and abs(total - outputs - left) < 0.011, p.stdout
+
+
+def test_long_prefill_token_threshold_flag_reaches_the_scheduler(capsys):
+    """`--long-prefill-token-threshold` (vLLM's flag): the default caps a prompt's chunk at 512
+    tokens (at most the budget), 0 turns the cap off, a negative value is one clear error."""
+    import argparse
+
+    from vidya.cli import add_engine_args, engine_args
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    cap = lambda *argv: engine_args(parser.parse_args(list(argv)), False).scheduler_config(1024).long_prefill_token_threshold
+    assert cap() == 512 and cap("--long-prefill-token-threshold", "0") == 0
+    assert cap("--long-prefill-token-threshold", "64") == 64
+    assert cap("--max-num-batched-tokens", "256") == 256  # never above the budget
+    assert main(["serve", "--long-prefill-token-threshold", "-1"]) == 2
+    assert "long_prefill_token_threshold must be an integer >= 0" in capsys.readouterr().err

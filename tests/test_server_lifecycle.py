@@ -2,6 +2,7 @@
 (503, the stream in flight finishes, exit 0), and a wrong --model refused before the port opens."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -107,6 +108,31 @@ def test_full_queue_gets_429_with_retry_after(guarded):
     assert first["reason"] == "length" and second["reason"] == "length"
     r = httpx.post(guarded.url + "/v1/chat/completions", json={**BODY, "max_tokens": 1}, headers=auth(KEYS[0]))
     assert r.status_code == 200
+
+
+def test_a_burst_gets_past_the_queue_cap_no_more_than_the_queue_holds(guarded):
+    """Requests arriving together are checked against the cap one by one, each counted as soon as
+    it passes: the cap (1) admits one of a burst of 16, not each one that got through the check
+    before the first reached the engine's queue."""
+    first = {}
+    t1 = start_stream(guarded.url, KEYS[0], 300, first)
+    wait_for(lambda: first.get("started"))
+
+    async def burst() -> list[tuple[int, bool]]:
+        """(status, whether the first stream still ran when it came back) for each request"""
+        async with httpx.AsyncClient(base_url=guarded.url, headers=auth(KEYS[0]), timeout=120) as http:
+            async def one(stream: bool) -> tuple[int, bool]:
+                async with http.stream("POST", "/v1/chat/completions",
+                                       json={**BODY, "max_tokens": 1, "stream": stream}) as r:
+                    await r.aread()
+                    return r.status_code, "reason" not in first
+            return await asyncio.gather(*(one(i % 2 == 0) for i in range(16)))
+
+    replies = asyncio.run(burst())
+    t1.join()
+    codes = [code for code, _ in replies]
+    assert all(held for code, held in replies if code == 429), "the first stream ended mid-burst; the test needs it"
+    assert sorted(codes) == [200] + [429] * 15, codes
 
 
 def test_sigterm_drains_the_stream_in_flight_then_exits_0(guarded):

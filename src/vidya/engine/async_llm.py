@@ -54,10 +54,12 @@ class AsyncLLM:
         return len(self.engine.scheduler.waiting) + self._commands.qsize()
 
     # ---- caller side -----------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's RequestOutput after every step that changed it; the last one is
-        finished. Closing the iterator early (a client went away) aborts the request."""
+    def submit(self, prompt: str | list[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Hand a request to the engine now, with no await: a caller that checked the queue's
+        length and submits in the same turn of the event loop cannot be overtaken by another.
+        Call from the event loop; read the outputs by iterating the returned stream, and close it
+        (which aborts the request unless it finished) however the caller ends."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         token_ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -66,22 +68,18 @@ class AsyncLLM:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", request_id, token_ids, params, prompt if isinstance(prompt, str) else None))
-        finished = False
+        return RequestStream(self, request_id, q)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's RequestOutput after every step that changed it; the last one is
+        finished. Closing the iterator early (a client went away) aborts the request."""
+        stream = self.submit(prompt, params, request_id)
         try:
-            while True:
-                item = await q.get()
-                while not isinstance(item, BaseException) and not q.empty():
-                    item = q.get_nowait()  # outputs are cumulative: a slow reader skips to the latest
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -165,6 +163,36 @@ class AsyncLLM:
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}"))
             raise
+
+
+class RequestStream:
+    """One submitted request's outputs, each cumulative: iterate it once; the last is finished."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, q: asyncio.Queue) -> None:
+        self._llm = llm
+        self.request_id = request_id
+        self._queue = q
+        self._open = True  # registered with the engine and neither finished nor closed
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        q = self._queue
+        while self._open:
+            item = await q.get()
+            while not isinstance(item, BaseException) and not q.empty():
+                item = q.get_nowait()  # outputs are cumulative: a slow reader skips to the latest
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self._open = False
+                self._llm._streams.pop(self.request_id, None)
+            yield item
+
+    def close(self) -> None:
+        """Abort the request in the engine unless it finished; a second call does nothing."""
+        if self._open:
+            self._open = False
+            self._llm._streams.pop(self.request_id, None)
+            self._llm._commands.put(("abort", self.request_id))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -22,7 +22,7 @@ from vidya import __version__
 from vidya.engine.async_llm import AsyncLLM
 from vidya.server import metrics, protocol
 from vidya.server.errors import APIError, bad_request
-from vidya.server.serving import Serving, chat_response, completion_response, new_id
+from vidya.server.serving import Job, Serving, Submitted, chat_response, completion_response, new_id
 from vidya.server.streaming import chat_stream, completion_stream
 
 log = logging.getLogger("vidya.server")
@@ -142,10 +142,14 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         protocol.require_json(request.headers.get("content-type"))
         return serving, protocol.parse(model, await read_body(request))
 
-    def admit(llm: AsyncLLM) -> None:
+    def admit(serving: Serving, jobs: list[Job]) -> Submitted:
+        """429 past the waiting queue's cap, else the jobs go to the engine: check and submit
+        with no await between them, so a burst of requests cannot all pass the check first."""
+        llm = serving.llm
         if settings.max_waiting is not None and llm.num_waiting() >= settings.max_waiting:
             raise APIError(429, f"The server is busy ({llm.num_waiting()} requests waiting); retry shortly",
                            code="rate_limit_exceeded", headers={"Retry-After": "2"})
+        return serving.submit(jobs)
 
     @app.exception_handler(APIError)
     async def on_api_error(_, e: APIError):
@@ -203,23 +207,23 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         serving, req = await body_of(request, protocol.ChatCompletionRequest)
         model = serving.model_name(req.model)
         jobs = await serving.chat_jobs(req)  # a request that can never run gets its 400, not a 429
-        admit(serving.llm)
+        sub = admit(serving, jobs)
         rid = new_id("chatcmpl")
         if req.stream:
-            return _sse(chat_stream(serving, rid, model, jobs, req.include_usage))
-        return await until_disconnect(request, _whole(serving, jobs, lambda outs: chat_response(rid, model, jobs, outs, serving.engine.token_bytes)))
+            return _EventStream(chat_stream(serving, rid, model, sub, req.include_usage), sub)
+        build = lambda outs: chat_response(rid, model, jobs, outs, serving.engine.token_bytes)  # noqa: E731
+        return await _whole(request, serving, sub, build)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         serving, req = await body_of(request, protocol.CompletionRequest)
         model = serving.model_name(req.model)
         jobs = await serving.completion_jobs(req)  # a request that can never run gets its 400, not a 429
-        admit(serving.llm)
+        sub = admit(serving, jobs)
         rid = new_id("cmpl")
         if req.stream:
-            return _sse(completion_stream(serving, rid, model, jobs, req.echo, req.include_usage))
-        return await until_disconnect(
-            request, _whole(serving, jobs, lambda outs: completion_response(rid, model, jobs, outs, req.echo)))
+            return _EventStream(completion_stream(serving, rid, model, sub, req.echo, req.include_usage), sub)
+        return await _whole(request, serving, sub, lambda outs: completion_response(rid, model, jobs, outs, req.echo))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -255,10 +259,28 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
     return app
 
 
-async def _whole(serving: Serving, jobs, build):
-    return JSONResponse(build(await serving.final_outputs(jobs)))
+async def _whole(request: Request, serving: Serving, sub: Submitted, build):
+    try:
+        return await until_disconnect(request, _respond(serving, sub, build))
+    finally:
+        sub.close()  # a client gone before its task began leaves nothing running
 
 
-def _sse(stream) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+async def _respond(serving: Serving, sub: Submitted, build) -> JSONResponse:
+    return JSONResponse(build(await serving.final_outputs(sub)))
+
+
+class _EventStream(StreamingResponse):
+    """Server-Sent Events whose engine requests are aborted however the response ends, even
+    when the server never started iterating the stream (the client left first)."""
+
+    def __init__(self, stream, sub: Submitted) -> None:
+        super().__init__(stream, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._sub = sub
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._sub.close()

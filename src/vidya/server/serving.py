@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from vidya.engine.async_llm import AsyncLLM, EngineDeadError
+from vidya.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from vidya.engine.scheduler import ContextLengthExceeded
 from vidya.outputs import CompletionOutput, RequestOutput
 from vidya.sampling_params import SamplingParams
@@ -29,6 +29,18 @@ class Job:
     prompt_text: str
     params: SamplingParams
     first_index: int  # choice index of its first sample
+
+
+@dataclass(slots=True)
+class Submitted:
+    """A response's jobs, handed to the engine, each with its stream of outputs."""
+    jobs: list[Job]
+    streams: list[RequestStream]
+
+    def close(self) -> None:
+        """Abort whichever of them has not finished; however the response ended, this runs."""
+        for stream in self.streams:
+            stream.close()
 
 
 class Serving:
@@ -110,21 +122,32 @@ class Serving:
         return jobs
 
     # ---- running -----------------------------------------------------------------------------
-    async def run(self, jobs: list[Job]) -> AsyncIterator[tuple[Job, RequestOutput]]:
-        """Run the jobs concurrently; yield (job, output) as each advances. Closing this
-        iterator (a client went away) cancels every job, which aborts it in the engine."""
+    def submit(self, jobs: list[Job]) -> Submitted:
+        """Hand the jobs to the engine at once (no await: see app.py's admission check)."""
+        streams: list[RequestStream] = []
+        try:
+            for job in jobs:
+                streams.append(self.llm.submit(job.prompt_ids, job.params))
+        except EngineDeadError as e:
+            Submitted(jobs, streams).close()
+            raise APIError(503, str(e), code="engine_dead") from None
+        return Submitted(jobs, streams)
+
+    async def run(self, sub: Submitted) -> AsyncIterator[tuple[Job, RequestOutput]]:
+        """Read the jobs' streams concurrently; yield (job, output) as each advances. Closing this
+        iterator (a client went away) aborts every job that has not finished."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(job: Job) -> None:
+        async def pump(job: Job, stream: RequestStream) -> None:
             try:
-                async for out in self.llm.generate(job.prompt_ids, job.params):
+                async for out in stream:
                     await queue.put((job, out))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 await queue.put(e)
                 return
             await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(j)) for j in jobs]
+        tasks = [asyncio.create_task(pump(j, s)) for j, s in zip(sub.jobs, sub.streams)]
         try:
             done = 0
             while done < len(tasks):
@@ -138,15 +161,16 @@ class Serving:
         finally:
             for t in tasks:
                 t.cancel()
+            sub.close()
 
-    async def final_outputs(self, jobs: list[Job]) -> list[RequestOutput]:
+    async def final_outputs(self, sub: Submitted) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
         try:
-            async for job, out in self.run(jobs):
+            async for job, out in self.run(sub):
                 last[job.first_index] = out
         except EngineDeadError as e:
             raise APIError(503, str(e), code="engine_dead") from None
-        return [last[j.first_index] for j in jobs]
+        return [last[j.first_index] for j in sub.jobs]
 
 
 # ---- response objects -------------------------------------------------------------------------

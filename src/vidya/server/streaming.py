@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from vidya.engine.async_llm import EngineDeadError
 from vidya.outputs import CompletionOutput
 from vidya.server.errors import APIError
-from vidya.server.serving import (Job, Serving, chat_logprobs, completion_logprobs, finish_reason, sse,
-                                  usage)
+from vidya.server.serving import (Serving, Submitted, chat_logprobs, completion_logprobs, finish_reason,
+                                  sse, usage)
 
 
 class _Cursor:
@@ -39,14 +39,14 @@ class _Cursor:
         return delta, new
 
 
-async def _outputs(serving: Serving, jobs: list[Job]):
+async def _outputs(serving: Serving, sub: Submitted):
     """(choice index, CompletionOutput, job) as choices advance; the RequestOutputs at the end."""
     finals = {}
-    async for job, out in serving.run(jobs):
+    async for job, out in serving.run(sub):
         finals[job.first_index] = out
         for c in out.outputs:
             yield job.first_index + c.index, c, job
-    yield None, [finals[j.first_index] for j in jobs], None
+    yield None, [finals[j.first_index] for j in sub.jobs], None
 
 
 def _error_event(e: BaseException) -> str:
@@ -54,8 +54,9 @@ def _error_event(e: BaseException) -> str:
     return sse(err.body())
 
 
-async def chat_stream(serving: Serving, rid: str, model: str, jobs: list[Job],
+async def chat_stream(serving: Serving, rid: str, model: str, sub: Submitted,
                       include_usage: bool) -> AsyncIterator[str]:
+    jobs = sub.jobs
     created = int(time.time())
     k = jobs[0].params.logprobs
 
@@ -67,7 +68,7 @@ async def chat_stream(serving: Serving, rid: str, model: str, jobs: list[Job],
     try:
         for i in range(len(cursors)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for index, c, _ in _outputs(serving, jobs):
+        async for index, c, _ in _outputs(serving, sub):
             if index is None:
                 if include_usage:
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -89,8 +90,9 @@ async def chat_stream(serving: Serving, rid: str, model: str, jobs: list[Job],
     yield sse("[DONE]")
 
 
-async def completion_stream(serving: Serving, rid: str, model: str, jobs: list[Job], echo: bool,
+async def completion_stream(serving: Serving, rid: str, model: str, sub: Submitted, echo: bool,
                             include_usage: bool) -> AsyncIterator[str]:
+    jobs = sub.jobs
     created = int(time.time())
 
     def chunk(index: int, text: str, lps=None, reason=None) -> str:
@@ -103,7 +105,7 @@ async def completion_stream(serving: Serving, rid: str, model: str, jobs: list[J
             for job in jobs:
                 for i in range(job.params.n):
                     yield chunk(job.first_index + i, job.prompt_text)
-        async for index, c, job in _outputs(serving, jobs):
+        async for index, c, job in _outputs(serving, sub):
             if index is None:
                 if include_usage:
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,

@@ -110,7 +110,7 @@ class LLMEngine:
         self.async_scheduling = wanted and self.workers is None
         self._ahead = None  # (its SchedulerOutput, what runner.execute returned for it)
         self._ids = itertools.count()
-        self._log(f"ready in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
+        self._log(f"engine loaded in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
 
     def workers_alive(self) -> bool:

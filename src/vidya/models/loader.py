@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -269,7 +270,7 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
     offsets = model.norm_offsets()
     loaded: set[str] = set()
     weights = gguf_file.weights(src.path, config) if src.is_gguf else _safetensors_weights(src)
-    if progress:
+    if progress and sys.stderr.isatty():  # (in a log file a bar's carriage returns run into the next line)
         from tqdm import tqdm
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
     try:

@@ -59,7 +59,7 @@ def hf_greedy(model, ids: list[int], n: int = NEW) -> list[int]:
 
 def test_gemma3_270m_is_token_exact_against_transformers(reference):
     llm = LLM("gemma3-270m", dtype="float32", show_progress=False, max_model_len=1024,
-              max_num_batched_tokens=256)  # the long prompt runs in chunks across the window
+              max_num_batched_tokens=256, kv_cache_memory=1)  # the long prompt runs in chunks across the window
     tok = llm.engine.tokenizer
     prompts = [tok(t).input_ids for t in ("The capital of France is", "प्रकाश संश्लेषण", long_prompt())]
     assert len(prompts[2]) > 512 + 100, len(prompts[2])
@@ -79,7 +79,8 @@ def test_gemma3_270m_tokenizer_spends_few_tokens_on_hindi():
 
 def test_gemma3_270m_serves_chat_over_the_openai_api():
     from openai import OpenAI
-    s = LiveServer("--model", "gemma3-270m", "--max-model-len", "1024", "--dtype", "float32", "--no-tutor-warmup")
+    s = LiveServer("--model", "gemma3-270m", "--max-model-len", "1024", "--dtype", "float32", "--no-tutor-warmup",
+                   "--kv-cache-memory", "1")
     try:
         client = OpenAI(base_url=s.url + "/v1", api_key="none")
         assert [m.id for m in client.models.list().data] == ["gemma3-270m"]

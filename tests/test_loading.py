@@ -13,7 +13,8 @@ from vidya.models.loader import ModelLoadError
 
 @pytest.fixture(scope="module")
 def default_llm():
-    return LLM("smollm2", show_progress=False, max_model_len=2048)
+    # (1 GiB of KV cache: these requests need a few MB, and faulting in the default 4 GiB is most of a load)
+    return LLM("smollm2", show_progress=False, max_model_len=2048, kv_cache_memory=1)
 
 
 def test_default_model_answers_photosynthesis_on_topic(default_llm):

@@ -206,7 +206,8 @@ def stream_events(url: str, body: dict, out: dict) -> threading.Thread:
 
 def test_sigterm_during_the_worst_request_exits_within_the_timeout_and_a_second_signal_at_once():
     shutdown_timeout = 3
-    args = ("--max-model-len", "2048", "--max-num-seqs", "128", "--no-tutor-warmup",
+    # (1 GiB of KV cache holds the request, ~37k tokens; the default 4 GiB only slows two servers' start)
+    args = ("--max-model-len", "2048", "--max-num-seqs", "128", "--no-tutor-warmup", "--kv-cache-memory", "1",
             "--shutdown-timeout", str(shutdown_timeout))
     one, two = LiveServer(*args, wait=False), LiveServer(*args[:-1], "600", wait=False)
     try:

@@ -224,7 +224,8 @@ def test_every_file_the_page_and_its_styles_name_is_served(server):
 def test_class_code_is_asked_once_and_kept(browser):
     from selenium.common.exceptions import WebDriverException
     from serverutil import LiveServer
-    guarded = LiveServer("--api-key", "class-7b", "--max-model-len", "2048", "--no-tutor-warmup")
+    guarded = LiveServer("--api-key", "class-7b", "--max-model-len", "2048", "--no-tutor-warmup",
+                         "--kv-cache-memory", "1")
     try:
         fresh_page(browser, guarded)
 

@@ -70,6 +70,16 @@ def test_each_cpu_class_gets_its_dtypes(on_cpu, monkeypatch):
     assert (p.dtype, p.weight_dtype, p.kv_dtype) == (torch.float32,) * 3  # asked for: all fp32
 
 
+def test_float16_on_a_cpu_serves_the_cpus_own_16_bit_layout_and_says_so(on_cpu):
+    """No CPU has fast float16 math (~7x slower than the default on AVX2): --dtype float16 there
+    gets what auto gets (weights and KV cache in 16 bits where the C++ kernels run), with a note."""
+    auto, half = plat.resolve_platform(), plat.resolve_platform(dtype="float16")
+    assert (half.backend, half.isa, half.dtype, half.weight_dtype, half.kv_dtype) == \
+        (auto.backend, auto.isa, auto.dtype, auto.weight_dtype, auto.kv_dtype)
+    assert torch.float16 not in (half.dtype, half.weight_dtype, half.kv_dtype)
+    assert "--dtype float16" in half.describe() and "--dtype float16" not in half.describe(note=False)
+
+
 def test_a_cpu_without_avx2_serves_on_the_torch_reference(tiny_models, on_cpu, monkeypatch, capsys):
     """...with one start-up line that says so: `vidya serve`'s loading path (launcher.load_engine,
     the platform resolved once before the port opens) prints the reason once."""

@@ -194,6 +194,9 @@ def _cpu_platform(dev: torch.device, dtype: str, backend: str, source: str) -> P
             isa, note = bound, f"{isa} is not usable here (the OS did not grant AMX tile state)"
     kind = "cpu" if use_kernels else "torch"
     bf16_math = isa in ("amx", "avx512_bf16")
+    if dtype == "float16":  # (a GPU deployment's flags on a CPU should not cost 7x)
+        dtype, note = "auto", "; ".join(filter(None, (note, "--dtype float16: no CPU has fast float16 math, "
+                                                      "~7x slower on AVX2; serving auto's dtypes")))
     if dtype != "auto":
         dt = _DTYPES[dtype]
         return Platform(dev, kind, isa, dt, dt, dt, note)

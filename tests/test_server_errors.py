@@ -47,6 +47,7 @@ CASES = [
     ("lone surrogate", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', None, 400, None, "messages"),
     ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 1}', None, 400, None, "prompt"),
     ("empty stop string", "/v1/chat/completions", {**CHAT, "stop": [""]}, None, 400, None, "stop"),
+    ("tokenize no messages", "/tokenize", {"messages": []}, None, 400, None, "messages"),
     ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, None, 400, None, "prompt"),
     # bounds at the edge, as OpenAI's (issue 14): each a 400 naming its field
     ("temperature above 2", "/v1/chat/completions", {**CHAT, "temperature": 5}, None, 400, None, "temperature"),

@@ -299,7 +299,7 @@ def require_json(content_type: str | None) -> None:
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 

@@ -116,7 +116,7 @@ def test_a_burst_gets_past_the_queue_cap_no_more_than_the_queue_holds(guarded):
     before the first reached the engine's queue."""
     first = {}
     t1 = start_stream(guarded.url, KEYS[0], 300, first)
-    wait_for(lambda: first.get("started"))
+    wait_for(lambda: guarded.metric("num_requests_running") == 1 and guarded.metric("num_requests_waiting") == 0)
 
     async def burst() -> list[tuple[int, bool]]:
         """(status, whether the first stream still ran when it came back) for each request"""

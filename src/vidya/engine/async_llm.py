@@ -30,6 +30,10 @@ class AsyncLLM:
     def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None) -> None:
         self.engine = engine or LLMEngine(args or EngineArgs())
         self._commands: queue.Queue = queue.Queue()
+        # requests submitted and not yet in the scheduler's queue: each counter has one writer
+        # (the event loop, the engine thread), so neither needs a lock
+        self._submitted = 0
+        self._applied = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -51,7 +55,7 @@ class AsyncLLM:
     def num_waiting(self) -> int:
         """Requests queued for the engine: in its waiting queue or not yet handed to it.
         Read from other threads; may be a step old."""
-        return len(self.engine.scheduler.waiting) + self._commands.qsize()
+        return len(self.engine.scheduler.waiting) + self._submitted - self._applied
 
     # ---- caller side -----------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams,
@@ -67,6 +71,7 @@ class AsyncLLM:
         request_id = request_id or self.engine.new_request_id()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._submitted += 1
         self._commands.put(("add", request_id, token_ids, params, prompt if isinstance(prompt, str) else None))
         return RequestStream(self, request_id, q)
 
@@ -85,8 +90,8 @@ class AsyncLLM:
         self._commands.put(("abort", request_id))
 
     def fail_open_requests(self, message: str) -> int:
-        """End every open request's stream with EngineDeadError(message) (their generate() then
-        aborts them in the engine); a drain that ran out of time calls this. Returns how many."""
+        """End every open request's stream with EngineDeadError(message) (closing their streams
+        then aborts them in the engine); a drain that ran out of time calls this. Returns how many."""
         open_ids = list(self._streams)
         for rid in open_ids:
             self._deliver(rid, EngineDeadError(message))
@@ -124,6 +129,8 @@ class AsyncLLM:
                 self.engine.add_request(rid, token_ids, params, prompt_text=text)
             except ValueError as e:
                 self._deliver(rid, e)
+            finally:
+                self._applied += 1
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
 

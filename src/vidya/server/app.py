@@ -92,6 +92,8 @@ async def until_disconnect(request: Request, coro):
         watcher.cancel()
         if not task.done():
             task.cancel()
+    if not task.done():
+        await asyncio.wait({task})  # (cancel() only asks: the task ends at its next await)
     if task.cancelled():
         return Response(status_code=499)  # nobody is listening
     return task.result()
@@ -207,8 +209,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         serving, req = await body_of(request, protocol.ChatCompletionRequest)
         model = serving.model_name(req.model)
         jobs = await serving.chat_jobs(req)  # a request that can never run gets its 400, not a 429
-        sub = admit(serving, jobs)
         rid = new_id("chatcmpl")
+        sub = admit(serving, jobs)
         if req.stream:
             return _EventStream(chat_stream(serving, rid, model, sub, req.include_usage), sub)
         build = lambda outs: chat_response(rid, model, jobs, outs, serving.engine.token_bytes)  # noqa: E731
@@ -219,8 +221,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
         serving, req = await body_of(request, protocol.CompletionRequest)
         model = serving.model_name(req.model)
         jobs = await serving.completion_jobs(req)  # a request that can never run gets its 400, not a 429
-        sub = admit(serving, jobs)
         rid = new_id("cmpl")
+        sub = admit(serving, jobs)
         if req.stream:
             return _EventStream(completion_stream(serving, rid, model, sub, req.echo, req.include_usage), sub)
         return await _whole(request, serving, sub, lambda outs: completion_response(rid, model, jobs, outs, req.echo))
@@ -284,3 +286,4 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._sub.close()
+            await self.body_iterator.aclose()  # a stream cut while it sent: end its generators now

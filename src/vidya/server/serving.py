@@ -128,9 +128,11 @@ class Serving:
         try:
             for job in jobs:
                 streams.append(self.llm.submit(job.prompt_ids, job.params))
-        except EngineDeadError as e:
-            Submitted(jobs, streams).close()
-            raise APIError(503, str(e), code="engine_dead") from None
+        except BaseException as e:
+            Submitted(jobs, streams).close()  # the ones already handed over
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "5"}) from None
+            raise
         return Submitted(jobs, streams)
 
     async def run(self, sub: Submitted) -> AsyncIterator[tuple[Job, RequestOutput]]:

@@ -91,3 +91,21 @@ def test_requests_arriving_together_share_the_first_step(async_llm):
     outs = asyncio.run(main())
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
     assert engine.stats.num_steps - before == 4, "all five should have run their four steps together"
+
+
+def test_a_finished_answer_read_late_is_not_replaced_by_a_later_error(async_llm):
+    """A drain that runs out of time fails the open streams; one whose request had already
+    finished, its last output not yet read, still gets that output, not the error."""
+    async def run():
+        stream = async_llm.submit([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, min_tokens=3))
+        while async_llm.engine.has_unfinished_requests() or async_llm.num_waiting():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the finished output is on the stream's queue, unread
+        async_llm.fail_open_requests("the server is shutting down")
+        await asyncio.sleep(0.05)  # ...and the error behind it
+        outs = [out async for out in stream]
+        stream.close()
+        return outs
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3

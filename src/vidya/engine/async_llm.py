@@ -185,8 +185,9 @@ class RequestStream:
         q = self._queue
         while self._open:
             item = await q.get()
-            while not isinstance(item, BaseException) and not q.empty():
+            while not isinstance(item, BaseException) and not item.finished and not q.empty():
                 item = q.get_nowait()  # outputs are cumulative: a slow reader skips to the latest
+                #                        (but a finished one is kept over an error behind it)
             if isinstance(item, BaseException):
                 raise item
             if item.finished:

@@ -109,3 +109,22 @@ def test_a_finished_answer_read_late_is_not_replaced_by_a_later_error(async_llm)
 
     outs = asyncio.run(run())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_a_request_for_a_dead_engine_is_a_503_before_any_stream(tiny_models):
+    """The server's Serving.submit (what a route calls once the queue's cap is checked) answers
+    503 with Retry-After when the engine is not running, and leaves nothing registered."""
+    from vidya.server.errors import APIError
+    from vidya.server.serving import Job, Serving
+    llm = AsyncLLM(EngineArgs(model=tiny_models["llama"][0], dtype="float32", show_progress=False, max_model_len=64))
+    assert llm.shutdown()
+    serving = Serving(llm, ["tiny"], None)
+    jobs = [Job([5, 6, 7], "", SamplingParams(max_tokens=2), 0)]
+
+    async def submit():
+        return serving.submit(jobs)
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(submit())
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "5"}
+    assert e.value.body()["error"]["code"] == "engine_dead" and not llm._streams

@@ -200,7 +200,7 @@ class RequestStream:
         if self._open:
             self._open = False
             self._llm._streams.pop(self.request_id, None)
-            self._llm._commands.put(("abort", self.request_id))
+            self._llm.abort(self.request_id)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +15,8 @@ import httpx
 import openai
 import pytest
 from serverutil import LiveServer
+
+from vidya.server.launcher import CLOSE_GRACE_S, CUT_GRACE_S, ENGINE_STOP_S
 
 KEYS = ("class-10-b", "teacher-key")
 BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to five."}], "temperature": 0}
@@ -234,9 +237,13 @@ def test_sigterm_during_the_worst_request_exits_within_the_timeout_and_a_second_
         two.proc.send_signal(15)
         assert two.proc.wait(5) == 128 + 15
         at_once = time.monotonic() - t1
-        print(f"\nSIGTERM during the worst request: exit 0 after {took:.1f} s (--shutdown-timeout {shutdown_timeout}); "
-              f"a second signal: exit after {at_once:.2f} s")
-        assert took < shutdown_timeout + 5
+        step = float(re.search(r"the engine's longest step took ([\d.]+) s", one.log()).group(1))
+        print(f"\nSIGTERM during the worst request: exit 0 after {took:.1f} s (--shutdown-timeout {shutdown_timeout}, "
+              f"longest step {step:.2f} s); a second signal: exit after {at_once:.2f} s")
+        # the promise: the timeout and the server's own graces, however long a step takes (the
+        # longest here may exceed the timeout), and a second for the signal's delivery, the loop's
+        # 0.1 s ticks and the process's exit
+        assert took < shutdown_timeout + CUT_GRACE_S + CLOSE_GRACE_S + ENGINE_STOP_S + 1, one.log()[-2000:]
         assert at_once < 2
         for s in (one, two):
             assert "Traceback" not in s.log(), s.log()[-3000:]

@@ -36,6 +36,7 @@ class AsyncLLM:
         self._applied = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
+        self.longest_step_s = 0.0  # (a stop waits for the step it cannot interrupt: this long, at worst)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="vidya-engine", daemon=True)
         self._thread.start()
@@ -97,11 +98,15 @@ class AsyncLLM:
             self._deliver(rid, EngineDeadError(message))
         return len(open_ids)
 
+    def stop(self) -> None:
+        """Ask the engine thread to stop after its current step (no new step starts); returns at once."""
+        self._stop.set()
+        self._commands.put(("wake",))
+
     def shutdown(self, timeout: float = 10.0) -> bool:
         """Stop the engine thread after its current step; wait at most `timeout` seconds.
         Returns whether it stopped (a long step may still run: the thread is a daemon)."""
-        self._stop.set()
-        self._commands.put(("wake",))
+        self.stop()
         self._thread.join(timeout=timeout)
         return not self._thread.is_alive()
 
@@ -162,8 +167,11 @@ class AsyncLLM:
                     if block and stepped:  # idle for 0.5 s after work: give what the burst freed back
                         return_freed_memory()
                         stepped = False
-                if self.engine.has_unfinished_requests():
-                    self._deliver_all(self.engine.step())
+                if self.engine.has_unfinished_requests() and not self._stop.is_set():
+                    t0 = time.monotonic()
+                    outputs = self.engine.step()
+                    self.longest_step_s = max(self.longest_step_s, time.monotonic() - t0)
+                    self._deliver_all(outputs)
                     stepped = True
         except BaseException as e:  # the engine died: fail every open stream, loudly
             self.error = e

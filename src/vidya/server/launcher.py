@@ -5,8 +5,15 @@ Lifecycle:
   2. serving;
   3. SIGTERM (or Ctrl-C): `/health` and new requests answer 503, requests in flight finish,
      for at most `--shutdown-timeout` seconds; those still open then end with a 503 error
-     (event), the engine stops after its current step (waited for at most ENGINE_STOP_S) and
-     the process exits 0. A second signal exits at once (status 128 + the signal).
+     (event) and the engine is told to stop after its current step, which cannot be cut short.
+     The process exits 0 within the timeout plus a few seconds of its own, whatever the step:
+
+        signal ... timeout | cut: errors sent (<= CUT_GRACE_S), connections closed (<= CLOSE_GRACE_S)
+                           | the engine stops between steps (<= ENGINE_STOP_S), else is left running
+                           | exit (os._exit under a step still running: a step can take seconds on a
+                           |       small CPU, and nothing it would compute is wanted any more)
+
+     A second signal exits at once (status 128 + the signal).
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ from vidya.tutor.warmup import system_prefixes
 log = logging.getLogger("vidya.server")
 
 CUT_GRACE_S = 1.0  # after the drain's deadline, time for the cut requests to send their error
-ENGINE_STOP_S = 2.0  # after uvicorn has stopped, time for the engine's current step to end
+CLOSE_GRACE_S = 1.0  # then uvicorn's wait for connections still open (uvicorn's graceful shutdown)
+ENGINE_STOP_S = 0.5  # then the engine thread's wait to stop between steps
 
 
 class DrainingServer(uvicorn.Server):
@@ -70,11 +78,17 @@ class DrainingServer(uvicorn.Server):
         if self.state.in_flight and self.cut_at is None and now - self.drain_started > self.shutdown_timeout:
             # out of time: the requests still open end now, each with a 503 error (event)
             self.cut_at = now
+            print(f"vidya: {self.shutdown_timeout:g} s passed, cutting {self.state.in_flight} requests",
+                  file=sys.stderr, flush=True)
             if self.state.llm is not None:
+                self.state.llm.stop()  # no step after the one now running: the cut's graces overlap it
                 self.state.llm.fail_open_requests("the server is shutting down; retry the request")
         done = self.state.in_flight == 0 or (self.cut_at is not None and now - self.cut_at > CUT_GRACE_S)
         if done:
-            print(f"vidya: drained ({self.state.in_flight} requests still open), exiting", file=sys.stderr, flush=True)
+            step = f"; the engine's longest step took {self.state.llm.longest_step_s:.2f} s" if self.state.llm else ""
+            print(f"vidya: drained in {now - self.drain_started:.1f} s ({self.state.in_flight} requests still "
+                  f"open{step}), exiting",
+                  file=sys.stderr, flush=True)
         return done
 
 
@@ -111,7 +125,7 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
     state = ServerState()
     app = build_app(settings, state)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=2,
+                            timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=CLOSE_GRACE_S,
                             lifespan="off")
     server = DrainingServer(config, state, shutdown_timeout)
     threading.Thread(target=load_engine, args=(args, platform, settings, state, server), name="vidya-load", daemon=True).start()
@@ -119,8 +133,8 @@ def serve(args: EngineArgs, settings: ServerSettings, host: str, port: int, *,
     server.run()
     code = 1 if state.load_error or not server.started or server.engine_died else 0
     if state.llm is not None and not state.llm.shutdown(timeout=ENGINE_STOP_S):
-        # a step still runs in C++ code: leave without finalizing the interpreter under it
-        print("vidya: the engine's last step did not end in time; exiting without it", file=sys.stderr, flush=True)
+        # a step still runs (in C++ code): leave without finalizing the interpreter under it
+        print("vidya: the engine is inside a step; exiting without it", file=sys.stderr, flush=True)
         sys.stdout.flush()
         state.llm.engine.close(kill=True)
         os._exit(code)

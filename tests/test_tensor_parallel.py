@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 import pytest
 import torch
@@ -118,3 +119,54 @@ def test_served_tp2_answers_stops_on_sigterm_and_exits_non_zero_when_a_rank_dies
         assert "a tensor-parallel rank died" in s.log() and "Traceback" not in s.log()
     finally:
         s.terminate()
+
+
+def test_an_idle_tp2_server_outlives_every_timeout_and_answers_the_same(tiny_models):
+    """Issue 31: a worker waited for the next step inside a collective, which gloo ends after its
+    timeout (120 s): the server died after two idle minutes. Here the timeout is 2 s and the
+    server idles 3x that; it must still be up and answer the same greedy text."""
+    import httpx
+    import openai
+    from serverutil import LiveServer
+    timeout = 2
+    s = LiveServer("--model", tiny_models["llama"][0], "--served-model-name", "tiny", "--dtype", "float32",
+                   "--max-model-len", "256", "--no-tutor-warmup", "--tensor-parallel-size", "2",
+                   env={"VIDYA_TP_TIMEOUT_S": str(timeout)})
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        ask = lambda: client.completions.create(model="tiny", prompt="w5 w6", max_tokens=8, temperature=0).choices[0].text  # noqa: E731
+        before = ask()
+        time.sleep(3 * timeout)
+        assert httpx.get(s.url + "/health").status_code == 200, s.log()[-2000:]
+        assert ask() == before
+        assert len(tp_workers(s.proc.pid)) == 1
+        assert s.terminate() == 0
+        log = open(s.log_path).read()
+        assert "rank died" not in log and "Traceback" not in log, log[-2000:]
+    finally:
+        s.terminate()
+
+
+UNGUARDED = """
+from vidya import LLM, SamplingParams
+llm = LLM(model={model!r}, dtype="float32", max_model_len=128, tensor_parallel_size=2)
+print("TEXT", llm.generate(["w5 w6"], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].text)
+"""
+
+
+def test_a_script_without_the_main_guard_fails_at_once_with_the_fix(tiny_models, tmp_path):
+    """Issue 31: LLM(tensor_parallel_size=2) at a script's top level: the spawned rank re-ran the
+    script and rank 0 waited for it in the rendezvous until the timeout. Now it fails as soon as
+    the rank exits, naming the guard; with the guard the same script runs."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(model=tiny_models["llama"][0]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDYA_TP_TIMEOUT_S": "3600"}  # (a hang would be an hour)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert 'if __name__ == "__main__":' in r.stderr and "could not start" in r.stderr, r.stderr[-3000:]
+    guarded = "if __name__ == \"__main__\":\n" + "".join(f"    {line}\n" for line in UNGUARDED.strip().splitlines())
+    script.write_text(guarded.format(model=tiny_models["llama"][0]))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "TEXT" in r.stdout, r.stderr[-3000:]

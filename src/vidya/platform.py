@@ -1,7 +1,7 @@
 """The one place that decides what this machine runs: the device, the CPU's instruction set, the
 ops backend and the dtypes of activations, weights and KV cache. Decided once at start-up from
 what the machine has (and `--backend` / `VIDYA_BACKEND`, `--attention-backend` /
-`VIDYA_ATTENTION_BACKEND`, read here and nowhere else); the result is printed in `vidya serve`'s
+`VIDYA_ATTENTION_BACKEND`, `VIDYA_TP_TIMEOUT_S`, read here and nowhere else); the result is printed in `vidya serve`'s
 start-up line, `GET /version` and every `vidya bench` result.
 
     ISA            ops backend        activations  weights  KV cache
@@ -30,6 +30,7 @@ BACKENDS = ("auto", "torch", "cpu") + ISAS[:-1]  # cpu: the best C++ ISA here; a
 ENV_VAR = "VIDYA_BACKEND"
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ATTENTION_ENV_VAR = "VIDYA_ATTENTION_BACKEND"
+TP_TIMEOUT_ENV_VAR = "VIDYA_TP_TIMEOUT_S"  # seconds a collective inside a step waits for a rank (default 120)
 # /proc/cpuinfo flags each ISA level needs
 _NEEDS = {
     "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
@@ -49,6 +50,19 @@ class Platform:
     kv_dtype: torch.dtype
     note: str = ""  # why a faster path is not used, when one is not
     attention: str = "torch"  # "cpu" (in the C++ kernels), "torch" (the reference) or "triton"
+    tp_timeout_s: float = 120.0  # a tensor-parallel collective waiting longer on a rank fails
+
+    @property
+    def distributed_backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def for_rank(self, rank: int) -> "Platform":
+        """The platform of tensor-parallel rank `rank`: on GPUs, its own device (and the current one)."""
+        if self.device.type != "cuda":
+            return self
+        device = torch.device("cuda", rank)  # (one GPU per rank; untested: no machine with several was lent)
+        torch.cuda.set_device(device)
+        return dataclasses.replace(self, device=device)
 
     def describe(self, note: bool = True) -> str:
         """One line; `note`: with why a faster path is not used (printed once at start-up)."""
@@ -137,7 +151,21 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel):
             backend = "torch"  # that attention (and tensor parallelism) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
-    return dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source))
+    return dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source),
+                               tp_timeout_s=_tp_timeout())
+
+
+def _tp_timeout() -> float:
+    value = os.environ.get(TP_TIMEOUT_ENV_VAR)
+    if not value:
+        return 120.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{TP_TIMEOUT_ENV_VAR} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _attention_backend(p: Platform, asked: str, source: str) -> str:

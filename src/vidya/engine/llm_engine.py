@@ -24,7 +24,8 @@ from vidya.models import loader, registry
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
 from vidya.engine.prefix_waves import prefix_waves
-from vidya.engine.tensor_parallel import Workers, init_group, shard_config, threads_per_rank
+from vidya.engine.tensor_parallel import (Cache, Load, Profile, Workers, init_group, refuse_in_a_starting_rank,
+                                          shard_config, threads_per_rank)
 from vidya.platform import Platform, TPGroup, resolve_platform
 from vidya.sampling_params import SamplingParams
 
@@ -44,6 +45,8 @@ class LLMEngine:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         world = args.tensor_parallel_size
+        if world > 1:
+            refuse_in_a_starting_rank()
         self.platform = platform or engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
@@ -57,14 +60,15 @@ class LLMEngine:
         if world > 1:  # ranks 1..N-1 start now and load beside rank 0
             torch.set_num_threads(threads_per_rank(world))
             self.workers = Workers(args, world, self.platform)
-            tp = init_group(0, world, self.workers.port, self.device)
-            self.workers.broadcast(("load", self.max_model_len))
-            self._log(f"tensor parallel: {world} ranks on torch.distributed "
-                      f"({'nccl' if self.device.type == 'cuda' else 'gloo'})")
+            tp = init_group(0, world, self.workers.port, self.platform)
+            self.workers.send(Load(self.max_model_len))
+            self._log(f"tensor parallel: {world} ranks on torch.distributed ({self.platform.distributed_backend})")
         kind = 'dummy weights' if args.load_format == 'dummy' else 'GGUF' if src.is_gguf else 'safetensors'
         self._log(f"loading {args.model} ({kind})")
         model = loader.load_model(src, shard, self.dtype, self.device, self.max_model_len,
                                   load_format=args.load_format, progress=args.show_progress, tp=tp)
+        if self.workers is not None:
+            self.workers.wait("loading")
         # (tied weights once; under tensor parallelism a shard's count times the ranks, norms included)
         self.num_parameters = sum(p.numel() for p in model.parameters()) * world
         cache = args.cache_config()
@@ -77,15 +81,19 @@ class LLMEngine:
             profile = (sched_config.max_num_batched_tokens, self.max_model_len, sched_config.max_num_seqs,
                        cache.block_size, self.platform.kv_dtype, self.device)
             if self.workers is not None:
-                self.workers.broadcast(("profile", profile))
+                self.workers.send(Profile(profile))
             activations = profile_forward(model, self.ops, shard, *profile)
+            if self.workers is not None:
+                self.workers.wait("profiling")
             self._log(f"profiling forward of {sched_config.max_num_batched_tokens} tokens: "
                       f"peak activations {activations / 2**30:.2f} GiB")
         self.profiled_activation_bytes = activations
         num_blocks = num_kv_blocks(cache, shard, self.platform.kv_dtype, self.device, max_useful, activations)
         if self.workers is not None:
-            self.workers.broadcast(("cache", num_blocks, cache))
+            self.workers.send(Cache(num_blocks, cache))
         self.runner = ModelRunner(model, shard, cache, num_blocks, self.platform, self.ops)
+        if self.workers is not None:
+            self.workers.wait("allocating the KV cache")
         self.runner.workers = self.workers
         if (self.device.type == "cuda" and self.platform.attention == "triton" and not args.enforce_eager
                 and world == 1):  # (captured collectives across ranks: not yet)

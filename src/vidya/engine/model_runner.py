@@ -15,6 +15,7 @@ from vidya.config import CacheConfig
 from vidya.engine.cuda_graphs import DecodeGraphs, bucket_for
 from vidya.engine.request import Request
 from vidya.engine.scheduler import SchedulerOutput
+from vidya.engine.tensor_parallel import Step
 from vidya.models.llama import head_dim_of
 from vidya.platform import return_freed_memory
 
@@ -236,10 +237,10 @@ class ModelRunner:
         return self.graphs is not None and bucket_for(num_decodes, self.decode_buckets) > 0
 
     @torch.inference_mode()
-    def forward(self, step) -> None:
+    def forward(self, step: Step) -> None:
         """A tensor-parallel worker's part of rank 0's step: the forward on this rank's shard and
         its slice of the logits, which the ops gather to rank 0."""
-        input_ids, positions, meta, logits_indices = step
+        input_ids, positions, meta, logits_indices = step.input_ids, step.positions, step.meta, step.logits_indices
         if input_ids.device != self.device:  # (rank 0's tensors arrive on rank 0's GPU)
             to = lambda t: t.to(self.device)
             input_ids, positions, logits_indices = to(input_ids), to(positions), to(logits_indices)
@@ -280,7 +281,7 @@ class ModelRunner:
         if pad:
             self.padded_rows += pad - len(out.scheduled)
         if self.workers is not None:  # every rank runs the same step on its shard
-            self.workers.broadcast(("step", (inp.input_ids, inp.positions, inp.meta, inp.logits_indices)))
+            self.workers.send(Step(inp.input_ids, inp.positions, inp.meta, inp.logits_indices))
         if pad and self.graphs is not None:
             hidden = self.graphs.replay(inp.input_ids, inp.positions, inp.meta)
         else:

@@ -3,13 +3,20 @@ torch.distributed (gloo on CPU, NCCL on GPUs), one rank per device.
 
     rank 0 (the engine)                       ranks 1..N-1 (`worker_main`)
     scheduler, block manager, sampler         load their shard, allocate their KV cache
-    each step: broadcast the ModelInput  -->  receive it
+    each step: send the Step (a pipe)  -->  receive it
     forward on its shard                      forward on its shard      (all-reduce / all-gather
     sample from the gathered logits           (its logits go to rank 0)  in the ops, in step)
 
 What each rank holds (`shard_config`): 1/N of the query heads and of the KV heads (so 1/N of the
 KV cache), 1/N of the MLP's intermediate columns, 1/N of the vocabulary rows of the embedding and
-the output layer. q/k/v and gate/up are split by output rows (column-parallel), o_proj and
+the output layer.
+
+Rank 0 hands each worker its messages (`Load`, `Profile`, `Cache`, `Step`, `Stop`) over a pipe of
+its own, not over a collective: a worker waits for the next step as long as the engine idles
+(a collective would time out, gloo's after 120 s), and learns of rank 0's death at once (the
+pipe's end). The collectives run only inside a step, where every rank takes part.
+
+q/k/v and gate/up are split by output rows (column-parallel), o_proj and
 down_proj by input columns (row-parallel: one all-reduce each, `ops.all_reduce`); the embedding
 looks up its own rows and all-reduces, the output layer all-gathers the logits. The loader cuts
 each checkpoint tensor to the rank's part by its shape (`shard_of`). The scheduler, the prefix
@@ -22,14 +29,51 @@ import dataclasses
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from vidya.models.llama import head_dim_of
-from vidya.platform import TPGroup
+from vidya.platform import Platform, TPGroup
 
-TIMEOUT = datetime.timedelta(seconds=120)  # a collective waiting longer than this on a dead rank fails
+RANK_NAME = "vidya-tp-rank"  # the worker processes' names: rank N is f"{RANK_NAME}{N}"
+UNGUARDED_EXIT = 3  # a worker's exit status when its start re-ran the script that creates the engine
+READY = b"ready"
+RENDEZVOUS_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    args: tuple  # profile_forward's arguments after (model, ops, config)
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    num_blocks: int
+    cache: Any  # config.CacheConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: Any  # attention.metadata.AttentionMetadata
+    logits_indices: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
 
 
 def shard_config(config, world: int):
@@ -70,10 +114,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_group(rank: int, world: int, port: int, device: torch.device) -> TPGroup:
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+def init_group(rank: int, world: int, port: int, platform: Platform) -> TPGroup:
+    """Join the group's collectives (`platform.distributed_backend`). Meeting the other ranks may
+    take as long as their start (RENDEZVOUS_S at least); a collective inside a step that waits
+    longer than `platform.tp_timeout_s` on a rank fails."""
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=max(RENDEZVOUS_S, platform.tp_timeout_s)))
+    dist.init_process_group(platform.distributed_backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=platform.tp_timeout_s))
     return TPGroup(rank, world)
 
 
@@ -81,18 +129,71 @@ def threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
+def refuse_in_a_starting_rank() -> None:
+    """Called where an engine with several ranks is created. A rank starts with multiprocessing's
+    spawn, which first runs the main script again; a script that creates the engine outside
+    `if __name__ == "__main__":` would create it again inside the rank. Exit that rank with a
+    status rank 0 recognises, rather than start ranks of ranks."""
+    if mp.current_process().name.startswith(RANK_NAME):
+        print("vidya: error: this tensor-parallel rank re-ran the script that creates the engine; put "
+              "that code under `if __name__ == \"__main__\":`", file=sys.stderr, flush=True)
+        raise SystemExit(UNGUARDED_EXIT)
+
+
+def _start_error(rank: int, exitcode: int | None) -> RuntimeError:
+    if exitcode == UNGUARDED_EXIT:
+        return RuntimeError(
+            f"tensor-parallel rank {rank} could not start: it re-ran the script that creates the engine "
+            f"(ranks start with multiprocessing's spawn, which imports the main script again). Put the code "
+            f"that creates LLM(...) or LLMEngine(...) under `if __name__ == \"__main__\":`")
+    return RuntimeError(f"tensor-parallel rank {rank} exited while starting (exit code {exitcode}); "
+                        f"its error is printed above")
+
+
 class Workers:
     """Rank 0's handle on ranks 1..N-1: started before rank 0 loads (they load in parallel),
-    given each step's input, stopped with `close`."""
+    sent each message with `send`, stopped with `close`."""
 
-    def __init__(self, args, world: int, platform) -> None:
+    def __init__(self, args, world: int, platform: Platform) -> None:
         self.world = world
         self.port = free_port()
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=worker_main, args=(args, platform, rank, world, self.port), daemon=True,
-                                  name=f"vidya-tp-rank{rank}") for rank in range(1, world)]
-        for p in self.procs:
+        self.procs, self.conns = [], []
+        for rank in range(1, world):
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(args, platform, rank, world, self.port, theirs), daemon=True,
+                            name=f"{RANK_NAME}{rank}")
             p.start()
+            theirs.close()  # (only the worker holds its end: its death is an EOF here)
+            self.procs.append(p)
+            self.conns.append(ours)
+        self.timeout = max(RENDEZVOUS_S, platform.tp_timeout_s)
+        self.wait("starting")
+
+    def wait(self, doing: str) -> None:
+        """Wait until every worker has said it is done `doing` (starting: its spawn re-ran the main
+        script without failing; then each start-up message), so that the next collective does not
+        wait on a rank still loading or allocating (a collective's timeout is for a step, not for
+        a start-up), and a worker that died doing it is an error now."""
+        for rank, (p, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            waited = 0.0
+            while not conn.poll(0.1):
+                waited += 0.1
+                if not p.is_alive() or waited > self.timeout:
+                    break
+            try:
+                ok = conn.poll(0) and conn.recv_bytes() == READY
+            except (EOFError, OSError):
+                ok = False
+            if not ok:
+                p.join(timeout=5)
+                self.close(kill=True)
+                if p.exitcode is None:
+                    raise RuntimeError(f"tensor-parallel rank {rank} did not finish {doing} in {self.timeout:g} s")
+                if doing == "starting":
+                    raise _start_error(rank, p.exitcode)
+                raise RuntimeError(f"tensor-parallel rank {rank} died {doing} (exit code {p.exitcode}); "
+                                   f"its error is printed above")
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
@@ -102,57 +203,68 @@ class Workers:
             if not p.is_alive():
                 raise RuntimeError(f"tensor-parallel rank {rank} died (exit code {p.exitcode})")
 
-    def broadcast(self, payload) -> None:
+    def send(self, msg: Load | Profile | Cache | Step | Stop) -> None:
         """One of rank 0's messages (see worker_main) to every worker."""
         self.check_alive()
-        dist.broadcast_object_list([payload], src=0)
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                raise RuntimeError(f"tensor-parallel rank {rank} died (its pipe is closed)") from None
 
     def close(self, kill: bool = False) -> None:
         """Tell the workers to stop (or, with `kill`, terminate them) and wait for them."""
-        try:
-            if not kill and all(p.is_alive() for p in self.procs):
-                dist.broadcast_object_list([None], src=0)
-        except Exception:  # noqa: BLE001 - a dead worker: terminate the rest below
-            pass
+        if not kill:
+            try:
+                self.send(Stop())
+            except RuntimeError:  # a dead worker: terminate the rest below
+                pass
         for p in self.procs:
             p.join(timeout=0 if kill else 10)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def worker_main(args, platform, rank: int, world: int, port: int) -> None:
-    """A rank > 0: the platform rank 0 resolved, its own shard, then what rank 0 broadcasts, in order:
-    ("load", max_model_len), ("profile", profile_forward's arguments) on a GPU, ("cache",
-    num_blocks, cache config), then ("step", StepInput) per step, until None."""
+def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn) -> None:
+    """A rank > 0: the platform rank 0 resolved, its own shard, then rank 0's messages in order:
+    Load, Profile (on a GPU), Cache (each answered READY when done), then a Step per step, until
+    Stop (or rank 0's end of the pipe closes: rank 0 is gone). Between messages it waits on the
+    pipe as long as rank 0 idles."""
+    conn.send_bytes(READY)
     from vidya.engine.model_runner import ModelRunner, profile_forward
     from vidya.models import loader
     from vidya.ops import make_ops
     torch.set_num_threads(threads_per_rank(world))
-    if platform.device.type == "cuda":  # one GPU per rank (untested: no machine with several was lent)
-        platform = dataclasses.replace(platform, device=torch.device("cuda", rank))
-        torch.cuda.set_device(platform.device)
-    tp = init_group(rank, world, port, platform.device)
+    platform = platform.for_rank(rank)
+    tp = init_group(rank, world, port, platform)
     src = loader.resolve(args.model)
     shard = shard_config(loader.load_config(src), world)
     ops = make_ops(platform)
     ops.tp = tp
     model = runner = None
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        msg = box[0]
-        if msg is None:
+        try:
+            msg = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # rank 0 is gone
             break
-        if msg[0] == "load":
-            model = loader.load_model(src, shard, platform.dtype, platform.device, msg[1],
+        if isinstance(msg, Stop):
+            break
+        if isinstance(msg, Load):
+            model = loader.load_model(src, shard, platform.dtype, platform.device, msg.max_model_len,
                                       load_format=args.load_format, tp=tp)
-        elif msg[0] == "profile":
-            profile_forward(model, ops, shard, *msg[1])
-        elif msg[0] == "cache":
-            runner = ModelRunner(model, shard, msg[2], msg[1], platform, ops)
+        elif isinstance(msg, Profile):
+            profile_forward(model, ops, shard, *msg.args)
+        elif isinstance(msg, Cache):
+            runner = ModelRunner(model, shard, msg.cache, msg.num_blocks, platform, ops)
         else:
-            runner.forward(msg[1])
+            runner.forward(msg)
+            continue
+        conn.send_bytes(READY)
     dist.destroy_process_group()

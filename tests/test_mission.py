@@ -1,0 +1,100 @@
+"""The mission's own vLLM setup, moved to vidya by changing only the image (and, where the model
+cannot be fetched here, serving the embedded model under the mission's model name): its
+Kubernetes manifests (tests/mission/) render and validate, its HPA reads vLLM's running-requests
+gauge through the prometheus-adapter rule people use for vLLM, on a live `vidya serve` started
+with the Deployment's own args; and its `openai` client snippet gets an answer."""
+from __future__ import annotations
+
+import os
+import re
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from serverutil import LiveServer
+from test_deploy import K8S_VERSION, of_kind, tool
+
+import subprocess
+
+MISSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mission")
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def render() -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", MISSION], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def adapter_metrics(rule: dict, exposition: str) -> dict[str, str]:
+    """What a prometheus-adapter rule makes of a scrape: {metric the HPA sees: series}. The series
+    selector's name part (a name or `__name__=~"re"`) is matched against the exported names; the
+    namespace/pod matchers are labels Prometheus adds when it scrapes a pod, so they are not here."""
+    query = rule["seriesQuery"]
+    m = re.search(r'__name__=~"([^"]+)"', query)
+    name_re = m.group(1) if m else re.escape(re.match(r"^([a-zA-Z_:][\w:]*)", query).group(1))
+    out = {}
+    for series in set(re.findall(r"^([a-zA-Z_:][\w:]*)[{ ]", exposition, re.M)):
+        if re.fullmatch(name_re.strip("^$"), series):
+            as_ = re.sub(r"\$\{(\d+)\}", r"\\\1", rule["name"]["as"])
+            out[re.sub(rule["name"]["matches"], as_, series)] = series
+    return out
+
+
+@pytest.fixture(scope="module")
+def mission_server():
+    container = of_kind(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = list(container["args"])
+    args[args.index("--model") + 1] = "smollm2"  # (the 8B cannot be fetched here; its name is kept below)
+    s = LiveServer(*args, "--served-model-name", MODEL, "--no-tutor-warmup", "--kv-cache-memory", "1")
+    yield s, container
+    s.terminate()
+
+
+def test_the_mission_manifests_render_with_only_the_image_changed_and_validate():
+    docs = render()
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    container = of_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/vidya/vidya:cuda"
+    assert container["args"][:2] == ["--model", MODEL]
+
+
+def test_the_mission_hpa_reads_vllms_running_gauge_from_a_live_vidya(mission_server):
+    s, container = mission_server
+    assert httpx.get(s.url + container["readinessProbe"]["httpGet"]["path"]).status_code == 200
+    hpa = of_kind(render(), "HorizontalPodAutoscaler")
+    wanted = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (rule,) = yaml.safe_load(open(os.path.join(MISSION, "adapter-rules.yaml")))["rules"]
+    text = httpx.get(s.url + "/metrics").text
+    seen = adapter_metrics(rule, text)
+    assert wanted in seen, f"the adapter would offer {sorted(seen)}, the HPA reads {wanted}"
+    line = re.search(rf'^{re.escape(seen[wanted])}\{{([^}}]*)\}} (\S+)$', text, re.M)
+    assert f'model_name="{MODEL}"' in line.group(1) and float(line.group(2)) >= 0
+    # the endpoint picker's gauges, under both of vLLM's names for the KV cache
+    for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        assert re.search(rf"^{name}\{{", text, re.M), name
+
+
+def test_the_adapter_reading_would_catch_a_missing_gauge():
+    (rule,) = yaml.safe_load(open(os.path.join(MISSION, "adapter-rules.yaml")))["rules"]
+    only_vidya = 'vidya:num_requests_running{model_name="m"} 0.0\n'
+    assert adapter_metrics(rule, only_vidya) == {}
+    assert adapter_metrics(rule, 'vllm:num_requests_running{model_name="m"} 0.0\n') == {
+        "vllm_requests_running": "vllm:num_requests_running"}
+
+
+def test_the_mission_client_snippet_gets_an_answer(mission_server):
+    s, _ = mission_server
+    from openai import OpenAI
+    client = OpenAI(base_url=s.url + "/v1", api_key="EMPTY")
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "You are a patient Hindi tutor for class 8 students."},
+                  {"role": "user", "content": "प्रकाश संश्लेषण क्या है?"}],
+        temperature=0.7, max_tokens=400)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length") and 0 < reply.usage.completion_tokens <= 400
+    assert reply.model == MODEL

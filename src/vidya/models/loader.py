@@ -118,8 +118,31 @@ def _download(repo_id: str) -> str:
             f"--model {DEFAULT_MODEL} for the embedded default.") from None
 
 
+def refuse_quantized(src: ModelSource) -> None:
+    """A checkpoint whose config.json names a quantization (AWQ, GPTQ, FP8 or int8 from
+    compressed-tensors, bitsandbytes, ...) holds weights that are not plain 16/32-bit tensors:
+    some would load with the right shapes and serve garbage. Refuse them until they are read as
+    what they are."""
+    try:
+        with open(os.path.join(src.directory, "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return  # (AutoConfig reports an unreadable config)
+    for where in (raw, raw.get("text_config") or {}):
+        quant = where.get("quantization_config") or where.get("compression_config")
+        if quant:
+            method = (quant.get("quant_method") or quant.get("format")) if isinstance(quant, dict) else None
+            raise ModelLoadError(
+                f"{src.name} is a quantized checkpoint ({method or 'unnamed method'}: config.json has a quantization_config); "
+                f"vidya does not read quantized weights yet and would serve wrong ones. Serve the model's "
+                f"16-bit checkpoint (e.g. the repository without -AWQ/-GPTQ/-FP8/-int8 in its name), or a "
+                f"GGUF file (its K-quants are expanded at load)")
+
+
 def load_config(src: ModelSource):
     from transformers import AutoConfig
+    if not src.is_gguf:
+        refuse_quantized(src)
     try:
         if src.is_gguf:
             config = gguf_file.config_from_gguf(src.path)

@@ -169,3 +169,19 @@ def test_attention_backend_choice_and_its_errors(on_cpu, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = plat.resolve_platform(attention="triton")
     assert (p.backend, p.attention) == ("torch", "triton")
+
+
+def test_triton_interpreted_on_a_cpu_runs_in_float32_and_refuses_16_bits(on_cpu, monkeypatch):
+    """Issue 31: Triton's interpreter computes tl.dot on bf16 operands wrongly, so the Triton
+    attention answered garbage on a CPU whose dtype auto is bf16 (AVX-512 BF16, AMX). There auto
+    now means float32 throughout, with a note; an explicit 16-bit dtype is an error naming float32."""
+    pytest.importorskip("triton", reason="the triton package is not installed here")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(plat, "cpu_flags", lambda: AVX512 | {"avx512_bf16"})  # a Zen 4's flags
+    assert plat.resolve_platform(backend="torch").dtype == torch.bfloat16  # (what such a CPU gets otherwise)
+    p = plat.resolve_platform(attention="triton")
+    assert (p.attention, p.dtype, p.weight_dtype, p.kv_dtype) == ("triton",) + (torch.float32,) * 3
+    assert "float32 throughout" in p.describe()
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match=f"wrong on {dtype} operands: use dtype float32"):
+            plat.resolve_platform(attention="triton", dtype=dtype)

@@ -151,8 +151,17 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel):
             backend = "torch"  # that attention (and tensor parallelism) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
-    return dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source),
-                               tp_timeout_s=_tp_timeout())
+    p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout())
+    if p.attention == "triton" and p.device.type == "cpu" and (p.dtype, p.kv_dtype) != (torch.float32,) * 2:
+        # Triton's interpreter computes tl.dot on 16-bit operands wrongly (3.9: a 16x16 bf16 dot off
+        # by ~1e10; fp32 exact), so its attention answers garbage in bf16 (compiled, on a GPU, it is right)
+        if dtype != "auto":
+            raise ValueError(f"{attention_source} triton on the CPU runs in Triton's interpreter, whose tl.dot is "
+                             f"wrong on {dtype} operands: use dtype float32 (or auto) there")
+        f32 = torch.float32
+        p = dataclasses.replace(p, dtype=f32, weight_dtype=f32, kv_dtype=f32, note="; ".join(filter(None, (
+            p.note, "Triton's interpreter: float32 throughout (its tl.dot is wrong on 16-bit operands)"))))
+    return p
 
 
 def _tp_timeout() -> float:

@@ -5,8 +5,12 @@ gauge through the prometheus-adapter rule people use for vLLM, on a live `vidya 
 with the Deployment's own args; and its `openai` client snippet gets an answer."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import httpx
 import kubernetes_validate
@@ -14,8 +18,6 @@ import pytest
 import yaml
 from serverutil import LiveServer
 from test_deploy import K8S_VERSION, of_kind, tool
-
-import subprocess
 
 MISSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mission")
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -98,3 +100,78 @@ def test_the_mission_client_snippet_gets_an_answer(mission_server):
     assert choice.message.role == "assistant" and choice.message.content.strip()
     assert choice.finish_reason in ("stop", "length") and 0 < reply.usage.completion_tokens <= 400
     assert reply.model == MODEL
+
+
+DOCKERFILE_CUDA = os.path.join(os.path.dirname(MISSION), "..", "deploy", "docker", "Dockerfile.cuda")
+
+
+def docker_run_args() -> list[str]:
+    """The arguments after the image in the `docker run` line Dockerfile.cuda's header documents
+    (the mission's own line, with vidya's image), and the -v mount's container side."""
+    lines = [l.lstrip("#").strip().rstrip("\\").strip() for l in open(DOCKERFILE_CUDA) if l.startswith("#")]
+    start = next(i for i, l in enumerate(lines) if l.startswith("docker run"))
+    words = " ".join(lines[start:start + 2]).split()
+    mount = words[words.index("-v") + 1].split(":")[1]
+    return words[words.index("vidya:cuda") + 1:], mount
+
+
+def fake_hub_cache(home, repo_id: str, model_dir: str, **config) -> None:
+    """A Hugging Face cache (HF_HOME layout) holding `model_dir` as `repo_id`'s main revision."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    snap = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snap)
+    cfg = json.loads((snap / "config.json").read_text())
+    (snap / "config.json").write_text(json.dumps({**cfg, **config}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_the_mission_docker_run_serves_the_model_from_the_mounted_cache(tiny_models, tmp_path):
+    args, mount = docker_run_args()
+    assert args[:2] == ["--model", MODEL] and mount == "/root/.cache/huggingface"
+    image_env = dict(re.findall(r"^\s*(?:ENV )?(\w+)=(\S+)", open(DOCKERFILE_CUDA).read(), re.M))
+    assert image_env["HF_HOME"] == mount  # the image looks where the mission mounts its cache
+    # the cache the mission mounts (here a folder standing for it), holding the model: no fetch, no hub
+    fake_hub_cache(tmp_path, MODEL, tiny_models["llama"][0], max_position_embeddings=4096)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0", "VIDYA_REQUIRE_GPU": image_env["VIDYA_REQUIRE_GPU"]}
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "serve", *args], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, **env})
+    assert r.returncode == 2 and "no GPU is visible" in r.stderr and "--device cpu" in r.stderr, r.stderr
+    s = LiveServer(*args, "--device", "cpu", "--dtype", "float32", "--no-tutor-warmup", "--kv-cache-memory", "1",
+                   env=env)  # (on this machine without a GPU, as the refusal says)
+    try:
+        from openai import OpenAI
+        client = OpenAI(base_url=s.url + "/v1", api_key="EMPTY")
+        assert client.models.list().data[0].id == MODEL
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        s.terminate()
+
+
+def test_a_model_missing_from_the_cache_offline_names_the_cache_and_the_mount(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "serve", "--model", MODEL], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert str(tmp_path) in r.stderr and "HF_HUB_OFFLINE" in r.stderr and "-v ~/.cache/huggingface" in r.stderr
+
+
+def test_a_gated_model_says_accept_the_license_and_pass_a_token(monkeypatch, tmp_path):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    from vidya.models import loader
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    response = httpx2.Response(401, request=httpx2.Request("GET", f"https://huggingface.co/{MODEL}"))
+
+    def hub(repo_id, local_files_only=False, **kw):  # the hub's answer for a gated repo without a token
+        if local_files_only:
+            raise errors.LocalEntryNotFoundError("not cached")
+        raise errors.GatedRepoError("401 Client Error: access to this model is restricted", response=response)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    with pytest.raises(loader.ModelLoadError, match="gated model: accept its license") as e:
+        loader.resolve(MODEL)
+    assert "HF_TOKEN" in str(e.value) and "unreachable" not in str(e.value)

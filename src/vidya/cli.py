@@ -9,9 +9,26 @@ import os
 import sys
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line naming the flag (not the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's --dtype names
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), a HF model directory, a .gguf file or a hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's (a directory or hub id)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES],
+                   help="auto, float32 (float), bfloat16, float16 (half)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file (or the template text) in place of the model's")
+    p.add_argument("--generation-config", default="auto",
+                   help="sampling defaults for requests that leave them unset: auto (the model's "
+                        "generation_config.json, as vLLM), vllm (OpenAI's defaults) or a folder holding one")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -50,7 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_args(args, show_progress: bool = True):
     from vidya.config import EngineArgs
-    return EngineArgs(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    return EngineArgs(model=args.model, tokenizer=args.tokenizer,
+                      dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), max_model_len=args.max_model_len,
+                      chat_template=args.chat_template, generation_config=args.generation_config,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       long_prefill_token_threshold=args.long_prefill_token_threshold,
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
@@ -85,8 +104,56 @@ def port_number(value: str) -> int:
     return port
 
 
+# vLLM flags a vLLM command line carries that vidya accepts without acting on them, each with what
+# vidya does instead (printed once at start-up). `None` as the value: any value is accepted.
+VLLM_NOTED_FLAGS = {
+    "--enable-prefix-caching": (0, "prefix caching is always on (--no-enable-prefix-caching turns it off)"),
+    "--enable-chunked-prefill": (0, "chunked prefill is always on"),
+    "--trust-remote-code": (0, "vidya runs its own code for the architectures it supports; no remote code is run"),
+    "--disable-log-requests": (0, "vidya does not log requests (only uvicorn's access log: "
+                                  "--disable-uvicorn-access-log)"),
+    "--disable-log-stats": (0, "vidya logs no periodic stats; /metrics has them"),
+    "--disable-frontend-multiprocessing": (0, "the API server and engine share one process"),
+    "--swap-space": (1, "preempted requests are recomputed, never swapped to CPU memory"),
+    "--max-log-len": (1, "vidya does not log prompts"),
+    "--distributed-executor-backend": (1, "tensor-parallel ranks are always processes (mp)"),
+}
+
+
+def only(value: str, why: str):
+    def check(given: str) -> str:
+        if given.lower() != value:
+            raise argparse.ArgumentTypeError(f"{given!r}: only {value} is accepted ({why})")
+        return given.lower()
+    return check
+
+
+class NotedFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.vllm_notes = [*getattr(namespace, "vllm_notes", []),
+                                f"{option_string}: accepted; {VLLM_NOTED_FLAGS[option_string][1]}"]
+
+
+def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
+    """`vllm serve MODEL` and the vLLM flags listed in VLLM_NOTED_FLAGS, so that a vLLM command
+    line runs unchanged; `--kv-cache-dtype`, `--quantization` and the parallel sizes take the
+    values vidya can serve and refuse the others."""
+    p.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
+    for flag, (nargs, why) in VLLM_NOTED_FLAGS.items():
+        p.add_argument(flag, nargs=nargs, action=NotedFlag, help=f"(vLLM's; {why})")
+    p.add_argument("--kv-cache-dtype", default="auto", type=only("auto", "the KV cache takes the platform's 16- or "
+                                                               "32-bit dtype; an 8-bit KV cache is not implemented yet"),
+                   help="auto only: the KV cache takes the platform's 16- or 32-bit dtype (8-bit KV: not yet)")
+    p.add_argument("--quantization", "-q", default=None, type=only("none", "vidya serves 16/32-bit weights; "
+                                                                  "quantized weights are not implemented yet"),
+                   help="none only: vidya serves 16/32-bit weights (quantized checkpoints are refused)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, choices=[1],
+                   help="1 only (tensor parallelism: --tensor-parallel-size)")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
+    add_vllm_compat_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
@@ -118,7 +185,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidya", description="vidya: LLM serving engine and Hindi study tutor")
+    parser = Parser(prog="vidya", description="vidya: LLM serving engine and Hindi study tutor")
     from vidya import __version__
     parser.add_argument("--version", action="version", version=f"vidya {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve(args) -> int:
     from vidya.server.app import ServerSettings
     from vidya.server.launcher import serve
+    if args.model_tag is not None:
+        if args.model not in ("smollm2", args.model_tag):
+            raise ValueError(f"two models given: {args.model_tag} (positional) and --model {args.model}; give one")
+        args.model = args.model_tag
+    for note in getattr(args, "vllm_notes", []):
+        print(f"vidya: {note}", file=sys.stderr, flush=True)
     keys = args.api_key or ([os.environ["VIDYA_API_KEY"]] if os.environ.get("VIDYA_API_KEY") else [])
     for name in ("max_waiting", "max_tokens_default", "timeout_keep_alive"):
         value = getattr(args, name)

@@ -57,6 +57,10 @@ class EngineArgs:
 
     model: str = "smollm2"
     tokenizer: str | None = None
+    chat_template: str | None = None  # a Jinja file, or the template itself (vLLM's --chat-template)
+    # where a request's unset sampling fields come from (vLLM's --generation-config): "auto" the
+    # model's generation_config.json, "vllm" vLLM's (OpenAI's) defaults, else a folder holding one
+    generation_config: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None

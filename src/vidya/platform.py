@@ -1,7 +1,7 @@
 """The one place that decides what this machine runs: the device, the CPU's instruction set, the
 ops backend and the dtypes of activations, weights and KV cache. Decided once at start-up from
 what the machine has (and `--backend` / `VIDYA_BACKEND`, `--attention-backend` /
-`VIDYA_ATTENTION_BACKEND`, `VIDYA_TP_TIMEOUT_S`, read here and nowhere else); the result is printed in `vidya serve`'s
+`VIDYA_ATTENTION_BACKEND`, `VIDYA_TP_TIMEOUT_S`, `VIDYA_REQUIRE_GPU`, read here and nowhere else); the result is printed in `vidya serve`'s
 start-up line, `GET /version` and every `vidya bench` result.
 
     ISA            ops backend        activations  weights  KV cache
@@ -30,6 +30,8 @@ BACKENDS = ("auto", "torch", "cpu") + ISAS[:-1]  # cpu: the best C++ ISA here; a
 ENV_VAR = "VIDYA_BACKEND"
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 ATTENTION_ENV_VAR = "VIDYA_ATTENTION_BACKEND"
+# set in the CUDA image: --device auto with no GPU visible is an error there, not a quiet CPU server
+REQUIRE_GPU_ENV_VAR = "VIDYA_REQUIRE_GPU"
 TP_TIMEOUT_ENV_VAR = "VIDYA_TP_TIMEOUT_S"  # seconds a collective inside a step waits for a rank (default 120)
 # /proc/cpuinfo flags each ISA level needs
 _NEEDS = {
@@ -110,7 +112,11 @@ def cpu_isa(flags: set[str] | None = None) -> str:
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if os.environ.get(REQUIRE_GPU_ENV_VAR) == "1":
+            raise ValueError(no_gpu_in_the_gpu_image())
+        return torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -118,6 +124,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return dev
+
+
+def no_gpu_in_the_gpu_image() -> str:
+    cuda = torch.version.cuda or "none"
+    driver = "580" if cuda.startswith("13") else "570 (or 525+, with CUDA's minor-version compatibility)" \
+        if cuda.startswith("12.8") else "one that supports it"
+    return (f"this is vidya's GPU image ({REQUIRE_GPU_ENV_VAR}=1; torch {torch.__version__}, CUDA {cuda}) and no "
+            f"GPU is visible to it: start the container with --gpus all (the NVIDIA container toolkit), and "
+            f"check that the host's driver supports CUDA {cuda} (driver >= {driver}; `nvidia-smi` shows it; "
+            f"for older drivers build the image with --build-arg TORCH_VERSION=2.9.1, CUDA 12.8), or pass "
+            f"--device cpu to serve on the CPU")
 
 
 def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto",

@@ -22,6 +22,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # the stop string that ended a sample stays in its text
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True

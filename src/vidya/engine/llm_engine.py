@@ -53,6 +53,13 @@ class LLMEngine:
         self.model_config = loader.load_config(src)
         shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
+        if args.chat_template:
+            self.tokenizer.chat_template = loader.chat_template_of(args.chat_template)
+        # what a server request's unset sampling fields default to (--generation-config)
+        self.sampling_defaults = loader.sampling_defaults(src, args.generation_config)
+        if self.sampling_defaults:
+            self._log(f"sampling defaults from generation_config.json: {self.sampling_defaults} "
+                      f"(--generation-config vllm: none)")
         self.decode = decoder_of(self.tokenizer)
         self.max_model_len = self._max_model_len(args.max_model_len)
         self._log(f"backend: {self.platform.describe()}")

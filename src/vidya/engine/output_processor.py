@@ -78,7 +78,7 @@ def update_sample(sample: SampleState, token_id: int, logprob, tokenizer) -> boo
     if delta and sp.stop:
         hit = find_stop(sample.text, len(delta), sp.stop)
         if hit is not None:
-            sample.text = sample.text[:hit[0]]
+            sample.text = sample.text[:hit[0] + (len(hit[1]) if sp.include_stop_str_in_output else 0)]
             sample.stop_reason = hit[1]
             return True
     return False

@@ -106,16 +106,49 @@ def resolve(model: str) -> ModelSource:
     return ModelSource(model, _download(model))
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
 def _download(repo_id: str) -> str:
+    """A hub id: from the Hugging Face cache if it is there (no network, nothing written: a cache
+    mounted read-only, or owned by another user, serves as it is), else downloaded into it. Each
+    way it can fail says what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub
+    cache = constants.HF_HUB_CACHE
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as e:  # no network, unknown repo, auth...
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not (all) in the cache: fetch it below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"{repo_id} is not in the Hugging Face cache at {cache}, and HF_HUB_OFFLINE is set. Mount a cache "
+            f"that holds it there (docker: -v ~/.cache/huggingface:{os.path.dirname(cache)}), set HF_HOME to "
+            f"one, unset HF_HUB_OFFLINE to download it, or pass its local directory with --model /path/to/dir")
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except hub.GatedRepoError:
+        raise ModelLoadError(
+            f"{repo_id} is a gated model: accept its license on https://huggingface.co/{repo_id} with your "
+            f"account, then pass a token that may read it (HF_TOKEN=hf_... in the environment), or mount a "
+            f"Hugging Face cache that already holds it at {cache}") from None
+    except hub.RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} is not a model on the Hugging Face hub, or it is private and no token that may read "
+            f"it was given (HF_TOKEN); check the name, or pass a local directory with --model /path/to/dir") from None
+    except PermissionError as e:
+        raise ModelLoadError(
+            f"could not write the download of {repo_id} into the Hugging Face cache at {cache} ({e.strerror}: "
+            f"{e.filename}); it is not writable by this user (uid {os.getuid()}). Make it writable "
+            f"(docker: --user $(id -u):$(id -g)), set HF_HOME to a writable folder, or download the model "
+            f"into the cache first") from None
+    except Exception as e:  # no network, a proxy, a hub outage...
         raise ModelLoadError(
             f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); the hub may be "
-            f"unreachable from here. Download the model elsewhere and pass its local directory "
-            f"(config.json, *.safetensors, tokenizer files) with --model /path/to/dir, or use "
-            f"--model {DEFAULT_MODEL} for the embedded default.") from None
+            f"unreachable from here, and the model is not in the cache at {cache}. Mount a cache that holds "
+            f"it, download the model elsewhere and pass its local directory (config.json, *.safetensors, "
+            f"tokenizer files) with --model /path/to/dir, or use --model {DEFAULT_MODEL} for the embedded "
+            f"default.") from None
 
 
 def refuse_quantized(src: ModelSource) -> None:
@@ -177,6 +210,42 @@ def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
     except Exception as e:
         raise ModelLoadError(f"Could not load a tokenizer for {src.name} ({type(e).__name__}: "
                              f"{str(e)[:200]}); the directory needs tokenizer.json or tokenizer files") from None
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(src: ModelSource, generation_config: str = "auto") -> dict:
+    """The sampling fields a request that leaves them unset gets, as vLLM's --generation-config
+    reads them: "auto" from the model's generation_config.json (e.g. Llama 3's temperature 0.6,
+    top_p 0.9), "vllm" none (OpenAI's defaults), else from the generation_config.json in that folder."""
+    if generation_config == "vllm":
+        return {}
+    folder = src.directory if generation_config == "auto" else os.path.expanduser(generation_config)
+    path = os.path.join(folder, "generation_config.json")
+    if generation_config != "auto" and not os.path.isfile(path):
+        raise ModelLoadError(f"--generation-config {generation_config}: no generation_config.json there; "
+                             f"pass auto (the model's), vllm (none) or a folder holding one")
+    if (src.is_gguf and generation_config == "auto") or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read {path}: {e}") from None
+    return {k: gen[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(gen.get(k), (int, float))
+            and not isinstance(gen.get(k), bool)}
+
+
+def chat_template_of(value: str) -> str:
+    """--chat-template: a file's contents, or the template itself (as vLLM takes it)."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # (not a template: a path that does not exist)
+        raise ModelLoadError(f"--chat-template {value}: no such file; pass a Jinja template file or the template text")
+    return value
 
 
 def end_token_ids(src: ModelSource, config, tokenizer) -> frozenset[int]:

@@ -22,6 +22,29 @@ UNSUPPORTED_UNLESS = {
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
     "suffix": (None, ""), "store": (None, False), "metadata": (None,), "service_tier": (None, "auto", "default"),
 }
+# vLLM's extra request fields that vidya knows but does not implement, with why: the same rule
+# (the "off" value passes, anything else is a 400 naming the field and the reason).
+STRUCTURED = "structured output (JSON schema, regex, choice, grammar) is not implemented yet"
+VLLM_UNSUPPORTED_UNLESS = {
+    "structured_outputs": ((None,), STRUCTURED), "guided_json": ((None,), STRUCTURED),
+    "guided_regex": ((None,), STRUCTURED), "guided_choice": ((None,), STRUCTURED),
+    "guided_grammar": ((None,), STRUCTURED), "guided_decoding_backend": ((None,), STRUCTURED),
+    "guided_whitespace_pattern": ((None,), STRUCTURED),
+    "use_beam_search": ((None, False), "beam search is not implemented"),
+    "length_penalty": ((None, 1.0, 1), "length_penalty applies to beam search, which is not implemented"),
+    "prompt_logprobs": ((None,), "prompt logprobs are not implemented"),
+    "truncate_prompt_tokens": ((None,), "prompts are never truncated: a prompt too long is a 400"),
+    "bad_words": ((None, []), "bad_words is not implemented; logit_bias -100 bans tokens"),
+    "allowed_token_ids": ((None,), "allowed_token_ids is not implemented; logit_bias -100 bans tokens"),
+    "logits_processors": ((None, []), "custom logits processors are not run by this server"),
+    "return_tokens_as_token_ids": ((None, False), "logprob tokens are always text"),
+    "spaces_between_special_tokens": ((None, True), "special tokens are always detokenized with spaces"),
+    "continue_final_message": ((None, False), "continuing the final message is not implemented"),
+    "chat_template": ((None,), "a per-request chat template is not accepted; start the server with --chat-template"),
+    "documents": ((None,), "documents in the chat template are not implemented"),
+    "priority": ((None, 0), "scheduling is first come first served; priorities are not implemented"),
+    "cache_salt": ((None,), "cache salts are not implemented"),
+}
 
 
 # Bounds at the HTTP edge, as the OpenAI API has them where it states one (n, temperature, top_p,
@@ -77,6 +100,7 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # (vLLM's; refused when true: usage comes once, at the end)
 
 
 class _Common(Strict):
@@ -100,6 +124,25 @@ class _Common(Strict):
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    spaces_between_special_tokens: Any = None
+    priority: Any = None
+    cache_salt: Any = None
     # known but not implemented: see UNSUPPORTED_UNLESS
     tools: Any = None
     tool_choice: Any = None
@@ -120,10 +163,23 @@ class _Common(Strict):
         for name, allowed in UNSUPPORTED_UNLESS.items():
             if name in type(self).model_fields and getattr(self, name) not in allowed:
                 raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+        for name, (allowed, why) in VLLM_UNSUPPORTED_UNLESS.items():
+            if name in type(self).model_fields and getattr(self, name) not in allowed:
+                raise bad_request(f"'{name}' is not supported by this server: {why}", param=name,
+                                  code="unsupported_parameter")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise bad_request("'stream_options.continuous_usage_stats' is not supported by this server: usage "
+                              "comes once, in the last chunk (include_usage)", param="stream_options.continuous_usage_stats",
+                              code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict | None = None) -> SamplingParams:
+        """`defaults`: what the fields this request leaves unset take (the model's
+        generation_config.json, as vLLM's --generation-config auto), else OpenAI's."""
+        d = defaults or {}
+        unset = lambda value, name, fallback: d.get(name, fallback) if value is None else value  # noqa: E731
         bias = None
         if self.logit_bias:
             try:
@@ -132,14 +188,15 @@ class _Common(Strict):
                 raise bad_request("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
         try:
             return SamplingParams(
-                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
+                n=self.n, temperature=unset(self.temperature, "temperature", 1.0),
+                top_p=unset(self.top_p, "top_p", 1.0), top_k=unset(self.top_k, "top_k", 0),
+                min_p=unset(self.min_p, "min_p", 0.0), presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=unset(self.repetition_penalty, "repetition_penalty", 1.0),
                 seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 logprobs=logprobs, logit_bias=bias, skip_special_tokens=self.skip_special_tokens)
         except ValueError as e:
             name = str(e).split(" ", 1)[0]
@@ -177,6 +234,9 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
+    continue_final_message: Any = None
+    chat_template: Any = None
+    documents: Any = None
 
     def conversation(self) -> list[dict]:
         out = []

@@ -74,7 +74,8 @@ class Serving:
 
     def _job(self, ids: list[int], text: str, req, asked_max: int | None, fallback: int | None,
              logprobs: int | None, first_index: int, prompt_param: str, num_jobs: int = 1) -> Job:
-        params = req.sampling_params(self._max_tokens(asked_max, len(ids), fallback), logprobs)
+        params = req.sampling_params(self._max_tokens(asked_max, len(ids), fallback), logprobs,
+                                     self.engine.sampling_defaults)
         try:
             max_tokens = self.engine.validate(ids, params)
         except ContextLengthExceeded as e:

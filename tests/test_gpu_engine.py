@@ -85,6 +85,24 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert sw["plan"]["feasible"] and sw["plan"]["hpa_target_running_per_pod"] == 2
 
 
+def test_the_gpu_real_model_section_runs_here_and_agrees_in_float32(tmp_path):
+    """bench/gpu/run.py's real_models section (issue 31, item 8) at toy size on CPU: the default
+    model's real weights through vidya and through transformers, in float32, where greedy tokens
+    must agree (the GPU run reports bf16's agreement instead)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "run.py"), "--smoke", "--json", str(out),
+                        "--only", "real_models"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (m,) = json.loads(out.read_text())["real_models"]
+    assert m["model"] == "smollm2" and m["prompts"] == 2 and m["agree"] == 2, m
+    assert all(r["vidya"] == r["transformers"] and r["first_divergence"] is None for r in m["rows"])
+
+
 def test_every_field_of_a_step_starts_16_byte_aligned(tiny_models):
     """Triton compiles a kernel anew for each 16-byte alignment of its pointer arguments: the
     step's fields (views of one buffer copied to the device once) must start aligned whatever the

@@ -7,6 +7,10 @@
     tiny_exact   tiny random Llama / Qwen3 / Gemma 3 models, greedy, on the device in float32:
                  vidya's tokens against transformers' generate(), token for token, with and
                  without async scheduling
+    real_models  the default model and Gemma 3 270M from their GGUF files, in bf16 with the engine's
+                 defaults, against transformers in bf16 on the same GPU: greedy agreement, the first
+                 divergence and both texts per prompt (real_models.py; skipped where the files were
+                 not carried: they exceed one call's carry, see bench/gpu/models.sh)
     serve_8b     an 8B-shaped Llama (random weights, --load-format dummy) serving N requests
                  (prompt / output lengths below) offline: output tok/s, TTFT and inter-token
                  p50/p99, decode step time against the memory-bandwidth floor (weights + KV bytes
@@ -46,6 +50,7 @@ import traceback
 
 import torch
 
+from real_models import real_models
 from serving import LLAMA3_8B, TOY, model_dir, serve_8b
 
 GiB = 1 << 30
@@ -243,6 +248,7 @@ def main() -> int:
             gb_s = bw["gb_s"]
         section("kernels", lambda: kernels(device, dtype, args.smoke))
         section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
+        section("real_models", lambda: real_models(device, args.smoke))
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, steady=True))
         section("serve_8b_sync", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, async_scheduling=False))
         served = section("serve_8b_24gb", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24))

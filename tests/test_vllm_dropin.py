@@ -114,3 +114,13 @@ def test_an_unknown_flag_is_one_line_naming_it_and_refused_values_say_why():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not implemented yet" in r.stderr, r.stderr
     r = vidya("serve", "some/model", "--model", "other/model")
     assert r.returncode == 2 and "two models given" in r.stderr, r.stderr
+
+
+def test_the_offline_llm_takes_the_generation_config_as_its_default_sampling_params(greedy_model):
+    from vidya import LLM
+    for generation_config, greedy in (("auto", True), ("vllm", False)):
+        llm = LLM(greedy_model, dtype="float32", max_model_len=128, kv_cache_memory=0.05, show_progress=False,
+                  generation_config=generation_config)
+        assert llm.get_default_sampling_params().temperature == (0.0 if greedy else 1.0)
+        a, b = (o.outputs[0].text for o in llm.generate(["w5 w6 w7"] * 2, use_tqdm=False))
+        assert (a == b) == greedy

@@ -24,6 +24,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's (a directory or hub id)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES],
                    help="auto, float32 (float), bfloat16, float16 (half)")
+    p.add_argument("--quantization", "-q", default=None, type=quantization_method,
+                   help="the weights' quantization: by default the checkpoint's own (gptq, awq, "
+                        "compressed-tensors; read from its quantization_config); int8 (per channel) or int4 "
+                        "(groups of 128) quantize a 16-bit checkpoint at load; none: 16/32-bit")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (or the template text) in place of the model's")
     p.add_argument("--generation-config", default="auto",
@@ -70,6 +74,7 @@ def engine_args(args, show_progress: bool = True):
     return EngineArgs(model=args.model, tokenizer=args.tokenizer,
                       dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), max_model_len=args.max_model_len,
                       chat_template=args.chat_template, generation_config=args.generation_config,
+                      quantization=args.quantization,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       long_prefill_token_threshold=args.long_prefill_token_threshold,
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
@@ -120,6 +125,15 @@ VLLM_NOTED_FLAGS = {
 }
 
 
+def quantization_method(value: str) -> str | None:
+    from vidya.models.quant import METHODS
+    value = value.lower()
+    if value not in ("none", *METHODS):
+        raise argparse.ArgumentTypeError(f"{value!r} is not served: use none, {', '.join(METHODS)} (FP8, bitsandbytes "
+                                         f"and others are not implemented)")
+    return None if value == "none" else value
+
+
 def only(value: str, why: str):
     def check(given: str) -> str:
         if given.lower() != value:
@@ -136,7 +150,7 @@ class NotedFlag(argparse.Action):
 
 def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     """`vllm serve MODEL` and the vLLM flags listed in VLLM_NOTED_FLAGS, so that a vLLM command
-    line runs unchanged; `--kv-cache-dtype`, `--quantization` and the parallel sizes take the
+    line runs unchanged; `--kv-cache-dtype` and the parallel sizes take the
     values vidya can serve and refuse the others."""
     p.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
     for flag, (nargs, why) in VLLM_NOTED_FLAGS.items():
@@ -144,9 +158,6 @@ def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", type=only("auto", "the KV cache takes the platform's 16- or "
                                                                "32-bit dtype; an 8-bit KV cache is not implemented yet"),
                    help="auto only: the KV cache takes the platform's 16- or 32-bit dtype (8-bit KV: not yet)")
-    p.add_argument("--quantization", "-q", default=None, type=only("none", "vidya serves 16/32-bit weights; "
-                                                                  "quantized weights are not implemented yet"),
-                   help="none only: vidya serves 16/32-bit weights (quantized checkpoints are refused)")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, choices=[1],
                    help="1 only (tensor parallelism: --tensor-parallel-size)")
 

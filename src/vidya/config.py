@@ -61,6 +61,9 @@ class EngineArgs:
     # where a request's unset sampling fields come from (vLLM's --generation-config): "auto" the
     # model's generation_config.json, "vllm" vLLM's (OpenAI's) defaults, else a folder holding one
     generation_config: str = "auto"
+    # vLLM's --quantization: None reads the checkpoint's quantization_config; "int8"/"int4"
+    # quantize a 16-bit checkpoint at load; "gptq"/"awq"/"compressed-tensors" name the checkpoint's
+    quantization: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None

@@ -52,6 +52,7 @@ class Platform:
     kv_dtype: torch.dtype
     note: str = ""  # why a faster path is not used, when one is not
     attention: str = "torch"  # "cpu" (in the C++ kernels), "torch" (the reference) or "triton"
+    quantization: str | None = None  # the weights' quantization (models/quant.py), described
     tp_timeout_s: float = 120.0  # a tensor-parallel collective waiting longer on a rank fails
 
     @property
@@ -72,15 +73,17 @@ class Platform:
         kernels = {"cpu": "C++ kernels", "torch": "torch reference ops", "cuda": "torch on CUDA"}[self.backend]
         if self.attention == "triton":  # (ops/__init__.py: the Triton kernels come together)
             kernels = "torch matmuls + Triton kernels" if self.device.type == "cuda" else "torch matmuls + Triton kernels (interpreted)"
+        weights = f"{self.quantization} weights" if self.quantization else f"{name(self.weight_dtype)} weights"
         s = (f"{self.device.type} {self.isa}, {kernels}, {self.attention} attention: {name(self.dtype)} math, "
-             f"{name(self.weight_dtype)} weights, {name(self.kv_dtype)} KV cache")
+             f"{weights}, {name(self.kv_dtype)} KV cache")
         return s + (f" ({self.note})" if self.note and note else "")
 
     def as_dict(self) -> dict:
         name = lambda t: str(t).removeprefix("torch.")
         return {"device": self.device.type, "backend": self.backend, "isa": self.isa,
                 "attention_backend": self.attention, "dtype": name(self.dtype),
-                "weight_dtype": name(self.weight_dtype), "kv_cache_dtype": name(self.kv_dtype)}
+                "weight_dtype": name(self.weight_dtype), "kv_cache_dtype": name(self.kv_dtype),
+                "quantization": self.quantization}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +141,8 @@ def no_gpu_in_the_gpu_image() -> str:
 
 
 def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto",
-                     attention: str = "auto", tensor_parallel: bool = False) -> Platform:
+                     attention: str = "auto", tensor_parallel: bool = False,
+                     quantization: str | None = None) -> Platform:
     """Everything the engine needs to know about this machine, decided once (the engine calls
     this once and hands the result to whatever else needs it: tensor-parallel ranks included).
     `tensor_parallel`: the engine splits the model across ranks, which runs on the torch ops on
@@ -149,6 +153,9 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
     if tensor_parallel and backend not in ("auto", "torch"):
         raise ValueError(f"tensor parallelism runs on the torch ops; {source} {backend} cannot be split: "
                          f"use auto or torch")
+    if quantization and backend not in ("auto", "torch"):
+        raise ValueError(f"quantized weights ({quantization}) run on the torch ops; vidya's C++ kernels ({source} "
+                         f"{backend}) take 16/32-bit weights: use auto or torch")
     attention, attention_source = ((attention, "--attention-backend") if attention != "auto" else
                                    ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
     if attention not in ATTENTION_BACKENDS:
@@ -165,10 +172,11 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
-        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel):
-            backend = "torch"  # that attention (and tensor parallelism) runs beside the torch ops
+        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization):
+            backend = "torch"  # that attention (tensor parallelism, quantized weights) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
-    p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout())
+    p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
+                            quantization=quantization)
     if p.attention == "triton" and p.device.type == "cpu" and (p.dtype, p.kv_dtype) != (torch.float32,) * 2:
         # Triton's interpreter computes tl.dot on 16-bit operands wrongly (3.9: a 16x16 bf16 dot off
         # by ~1e10; fp32 exact), so its attention answers garbage in bf16 (compiled, on a GPU, it is right)

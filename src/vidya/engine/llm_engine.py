@@ -32,9 +32,13 @@ from vidya.sampling_params import SamplingParams
 
 def engine_platform(args: EngineArgs) -> Platform:
     """The platform every rank of an engine with these arguments runs on: resolved once, by the
-    caller that starts the engine (`vidya serve` before its port opens, else LLMEngine)."""
+    caller that starts the engine (`vidya serve` before its port opens, else LLMEngine). A
+    quantization the checkpoint has, or --quantization, is read here too (an unserved one fails
+    here, before anything loads)."""
+    qc = loader.load_quant(loader.resolve(args.model), args.quantization)
     return resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
-                            tensor_parallel=args.tensor_parallel_size > 1)
+                            tensor_parallel=args.tensor_parallel_size > 1,
+                            quantization=qc.describe() if qc else None)
 
 
 class LLMEngine:
@@ -50,6 +54,7 @@ class LLMEngine:
         self.platform = platform or engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
+        self.quant = loader.load_quant(src, args.quantization)
         self.model_config = loader.load_config(src)
         shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)
@@ -71,9 +76,9 @@ class LLMEngine:
             self.workers.send(Load(self.max_model_len))
             self._log(f"tensor parallel: {world} ranks on torch.distributed ({self.platform.distributed_backend})")
         kind = 'dummy weights' if args.load_format == 'dummy' else 'GGUF' if src.is_gguf else 'safetensors'
-        self._log(f"loading {args.model} ({kind})")
+        self._log(f"loading {args.model} ({kind}" + (f", {self.quant.describe()}" if self.quant else "") + ")")
         model = loader.load_model(src, shard, self.dtype, self.device, self.max_model_len,
-                                  load_format=args.load_format, progress=args.show_progress, tp=tp)
+                                  load_format=args.load_format, progress=args.show_progress, tp=tp, qc=self.quant)
         if self.workers is not None:
             self.workers.wait("loading")
         # (tied weights once; under tensor parallelism a shard's count times the ranks, norms included)

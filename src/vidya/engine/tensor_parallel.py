@@ -246,6 +246,7 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
     tp = init_group(rank, world, port, platform)
     src = loader.resolve(args.model)
     shard = shard_config(loader.load_config(src), world)
+    qc = loader.load_quant(src, args.quantization)
     ops = make_ops(platform)
     ops.tp = tp
     model = runner = None
@@ -258,7 +259,7 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
             break
         if isinstance(msg, Load):
             model = loader.load_model(src, shard, platform.dtype, platform.device, msg.max_model_len,
-                                      load_format=args.load_format, tp=tp)
+                                      load_format=args.load_format, tp=tp, qc=qc)
         elif isinstance(msg, Profile):
             profile_forward(model, ops, shard, *msg.args)
         elif isinstance(msg, Cache):

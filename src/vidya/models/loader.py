@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vidya.models import gguf_file
+from vidya.models import gguf_file, quant
+from vidya.models.quant import QuantConfig, QuantLinear
 from vidya.engine.tensor_parallel import shard_of
 from vidya.models.llama import CausalLM, RMSNorm
 from vidya.models.registry import SUPPORTED_ARCHITECTURES, architecture_of, model_class
@@ -151,31 +152,18 @@ def _download(repo_id: str) -> str:
             f"default.") from None
 
 
-def refuse_quantized(src: ModelSource) -> None:
-    """A checkpoint whose config.json names a quantization (AWQ, GPTQ, FP8 or int8 from
-    compressed-tensors, bitsandbytes, ...) holds weights that are not plain 16/32-bit tensors:
-    some would load with the right shapes and serve garbage. Refuse them until they are read as
-    what they are."""
+def load_quant(src: ModelSource, asked: str | None = None) -> QuantConfig | None:
+    """The quantization the weights are served in: the checkpoint's own (its config.json's
+    quantization_config, read as what it is, or refused at once when it is not served), or an
+    online one asked for with --quantization; None for 16/32-bit weights."""
     try:
-        with open(os.path.join(src.directory, "config.json")) as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        return  # (AutoConfig reports an unreadable config)
-    for where in (raw, raw.get("text_config") or {}):
-        quant = where.get("quantization_config") or where.get("compression_config")
-        if quant:
-            method = (quant.get("quant_method") or quant.get("format")) if isinstance(quant, dict) else None
-            raise ModelLoadError(
-                f"{src.name} is a quantized checkpoint ({method or 'unnamed method'}: config.json has a quantization_config); "
-                f"vidya does not read quantized weights yet and would serve wrong ones. Serve the model's "
-                f"16-bit checkpoint (e.g. the repository without -AWQ/-GPTQ/-FP8/-int8 in its name), or a "
-                f"GGUF file (its K-quants are expanded at load)")
+        return quant.resolve(None if src.is_gguf else src.directory, asked)
+    except quant.QuantError as e:
+        raise ModelLoadError(f"{src.name}: {e}") from None
 
 
 def load_config(src: ModelSource):
     from transformers import AutoConfig
-    if not src.is_gguf:
-        refuse_quantized(src)
     try:
         if src.is_gguf:
             config = gguf_file.config_from_gguf(src.path)
@@ -311,16 +299,20 @@ def _safetensors_weights(src: ModelSource):
 
 def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.device,
                max_positions: int, progress: bool = False, load_format: str = "auto",
-               tp: TPGroup = TPGroup()) -> CausalLM:
+               tp: TPGroup = TPGroup(), qc: QuantConfig | None = None) -> CausalLM:
     """The model on `device` in `dtype`, built on the meta device and materialised there in that
     dtype (never a float32 copy first: an 8B model is 16 GB in bf16, 32 GB in fp32); each
     checkpoint tensor is read, cast and copied into place one at a time. `load_format` "dummy"
     fills the weights with random values instead (norms at 1), from the config alone. Under
     tensor parallelism `config` is the rank's shard (tensor_parallel.shard_config) and each
-    checkpoint tensor is cut to the rank's part."""
+    checkpoint tensor is cut to the rank's part. `qc` (load_quant): the decoder's projections in
+    the quantized layout (vidya/models/quant.py), read from the checkpoint's format or quantized
+    from its 16-bit weights as they load."""
     try:
         with torch.device("meta"):
             model = model_class(config)(config, max_positions)
+            if qc is not None:
+                quant.quantize_linears(model, qc)
     except ValueError as e:  # a variant of a family we do not implement
         raise ModelLoadError(f"{src.name}: {e}") from None
     model = model.to(dtype).to_empty(device=device)  # (meta tensors: the cast costs nothing)
@@ -329,7 +321,7 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
     if load_format == "dummy":
         _dummy_weights(model)
     else:
-        _load_weights(model, src, config, dtype, progress, tp)
+        _load_weights(model, src, config, dtype, progress, tp, qc)
     if tp.rank > 0:  # a row-parallel projection's bias is added once, by rank 0, before the all-reduce
         for name, m in model.named_modules():
             if name.endswith(("o_proj", "down_proj")) and getattr(m, "bias", None) is not None:
@@ -339,6 +331,16 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         if isinstance(m, RotaryEmbedding):
             m.reset()  # float32 tables, computed as transformers does
     return model.eval()
+
+
+def _converted(weights, model: CausalLM, qc: QuantConfig | None):
+    """(our checkpoint name, tensor) for each checkpoint tensor; a quantized checkpoint's tensors
+    (or, online, a 16-bit projection's weight) become the quantized layout's (quant.convert)."""
+    for name, tensor in weights:
+        name = model.checkpoint_name(name)
+        if name is None:
+            continue
+        yield from quant.convert(name, tensor, qc) if qc is not None else [(name, tensor)]
 
 
 @torch.no_grad()
@@ -351,12 +353,18 @@ def _dummy_weights(model: CausalLM, seed: int = 0) -> None:
     for p in model.parameters():
         if id(p) in norms:
             p.fill_(1.0)
+        elif not p.is_floating_point():  # a quantized layout's codes and zero points: any codes
+            p.random_(0, 256, generator=g)
         else:
             p.normal_(0.0, 0.02, generator=g)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):  # zero points mid-range, scales so that weights have std ~0.02
+            m.zeros.fill_(1 << (m.bits - 1))
+            m.scales.fill_(0.02 / (1 << (m.bits - 2)))
 
 
 def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype, progress: bool,
-                  tp: TPGroup) -> None:
+                  tp: TPGroup, qc: QuantConfig | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     slices = model.checkpoint_slices()
     offsets = model.norm_offsets()
@@ -366,8 +374,7 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
         from tqdm import tqdm
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
     try:
-        for name, tensor in weights:
-            name = model.checkpoint_name(name)
+        for name, tensor in _converted(weights, model, qc):
             if name not in slices:
                 continue
             target, start, rows = slices[name]
@@ -380,10 +387,10 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
             if target in offsets:  # in float32, before the cast (Gemma's 1 + w)
                 tensor = tensor.float() + offsets[target]
             with torch.no_grad():
-                p[start:start + rows].copy_(tensor.to(dtype))
+                p[start:start + rows].copy_(tensor.to(p.dtype))  # (a quantized layout's codes stay integers)
             loaded.add(name)
-    except ModelLoadError:
-        raise
+    except (ModelLoadError, quant.QuantError) as e:
+        raise ModelLoadError(str(e)) from None
     except Exception as e:
         raise ModelLoadError(f"The weights of {src.name} are corrupt or truncated ({type(e).__name__}: "
                              f"{str(e)[:200]}); download them again") from None

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from vidya.attention.metadata import AttentionMetadata
 from vidya.attention.paged import paged_attention
 from vidya.platform import TPGroup
+from vidya.models.quant import QuantLinear
 from vidya.models.rope import apply_rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -47,6 +48,9 @@ class TorchOps:
         return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
     def linear(self, lin, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(lin, QuantLinear):  # the reference: dequantize, then the 16/32-bit product
+            bias = None if lin.bias is None else lin.bias.to(x.dtype)
+            return F.linear(x, lin.dequantize(x.dtype), bias)
         return F.linear(x, lin.weight, lin.bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,351 @@
+"""Quantized weights: one layout in the engine, read from the checkpoint formats that ship it, or
+made at load from a 16-bit checkpoint (online).
+
+The layout (`QuantLinear`), for a projection y = x W^T + b with W [N, K] (N outputs, K inputs):
+
+    qweight  uint8 [N, K * bits / 8]   codes, unsigned; 4 bits: two a byte, even k in the low nibble
+    scales   [N, K / G]                in the model's dtype; G is the group size along K (K: one
+                                       group a row, "per channel")
+    zeros    uint8 [N, K / G]          the code of 0.0 (2^(bits-1) for a symmetric format)
+
+    W[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]
+
+N comes first in every tensor, so that fused projections (q/k/v, gate/up) stack their parts by
+rows as the 16-bit weights do, and tensor parallelism cuts them by rows (column-parallel) or along
+K on group boundaries (row-parallel). The projections of the decoder layers are quantized; the
+embeddings and the output layer never are (as the formats below leave them).
+
+Served (`QuantConfig.method`):
+    int8                online: per output channel, symmetric (W8A16)
+    int4                online: groups of 128 along K (64, 32 or 16 where K is not a multiple of
+                        128, else per channel), asymmetric (W4A16)
+    gptq                4 or 8 bits, any group size, symmetric or not, without act order
+                        (`qweight` int32 packed along K, `qzeros` packed along N and stored minus
+                        one in the v1 format, `scales`, `g_idx`)
+    awq                 4 bits, GEMM layout (`qweight`/`qzeros` int32 packed along N in AWQ's
+                        order 0 2 4 6 1 3 5 7, `scales`), with zero points
+    compressed-tensors  `pack-quantized` int weights (W4A16, W8A16), group or channel strategy,
+                        symmetric or not (`weight_packed` int32 packed along K with codes offset
+                        by 2^(bits-1), `weight_scale`, `weight_zero_point` packed along N)
+Anything else found in a checkpoint (FP8, bitsandbytes, act order, W8A8, ...) is refused at
+start-up with one line, never loaded as if it were 16-bit.
+
+The forward multiplies by the weights dequantized to the activation dtype (`dequantize`): the
+reference, on any device. Kernels that fuse the dequantization into the product are other
+implementations of the same op.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ONLINE = ("int8", "int4")
+CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors")
+METHODS = ONLINE + CHECKPOINT_METHODS
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # ours (quantized)
+CHECKPOINT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # which column of eight each nibble of an AWQ int32 holds
+ONLINE_INT4_GROUP = 128
+
+
+class QuantError(ValueError):
+    """A quantization the engine does not serve, or a checkpoint that does not match its own
+    quantization_config; the message says what was found and what is served."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    method: str  # one of METHODS
+    bits: int  # 4 or 8
+    group_size: int  # along K; 0: one group a row (per channel)
+    symmetric: bool = True
+    zeros_offset: int = 0  # added to a stored zero point (GPTQ v1 stores zero - 1)
+
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per channel"
+        return f"{self.method} W{self.bits}A16 {group}{'' if self.symmetric else ' asym'}"
+
+    def group_of(self, k: int) -> int:
+        """The group size along K for a projection of K inputs. Online, where K is not a multiple
+        of the group size, the largest power-of-two fraction of it that divides K (down to 16),
+        else per channel (SmolLM2's 576: groups of 64)."""
+        if not self.group_size:
+            return k
+        g = self.group_size
+        if self.method in ONLINE:
+            while k % g and g > 16:
+                g //= 2
+            return g if k % g == 0 else k
+        return g
+
+
+def _refuse(found: str) -> QuantError:
+    return QuantError(f"{found} is not served: vidya serves checkpoints quantized with "
+                      f"{', '.join(CHECKPOINT_METHODS)} (see vidya/models/quant.py for which layouts), "
+                      f"or a 16-bit checkpoint quantized at load (--quantization int8 or int4)")
+
+
+def from_checkpoint(raw: dict) -> QuantConfig | None:
+    """The checkpoint's quantization, from its config.json (`quantization_config`, or the older
+    `compression_config`; in `text_config` for a multimodal wrapper), or None for a 16-bit one."""
+    quant = None
+    for where in (raw, raw.get("text_config") or {}):
+        quant = quant or where.get("quantization_config") or where.get("compression_config")
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise _refuse("a quantization_config that is not an object")
+    method = str(quant.get("quant_method") or quant.get("format") or "unnamed method").lower()
+    if method == "gptq":
+        return _gptq(quant)
+    if method == "awq":
+        return _awq(quant)
+    if method == "compressed-tensors":
+        return _compressed_tensors(quant)
+    raise _refuse(f"a checkpoint quantized with {method}")
+
+
+def _bits(quant: dict, key: str = "bits") -> int:
+    bits = quant.get(key)
+    if bits not in (4, 8):
+        raise _refuse(f"{bits}-bit weights")
+    return bits
+
+
+def _group(value) -> int:
+    group = -1 if value is None else int(value)
+    if group != -1 and group < 1:
+        raise _refuse(f"group size {group}")
+    return 0 if group == -1 else group
+
+
+def _gptq(q: dict) -> QuantConfig:
+    if q.get("desc_act"):
+        raise _refuse("GPTQ with act order (desc_act: true)")
+    if q.get("lm_head"):
+        raise _refuse("GPTQ with a quantized output layer (lm_head: true)")
+    fmt = str(q.get("checkpoint_format") or "gptq").lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise _refuse(f"GPTQ in the {fmt} checkpoint format")
+    return QuantConfig("gptq", _bits(q), _group(q.get("group_size")), bool(q.get("sym", True)),
+                       zeros_offset=1 if fmt == "gptq" else 0)
+
+
+def _awq(q: dict) -> QuantConfig:
+    version = str(q.get("version") or "gemm").lower()
+    if version != "gemm":
+        raise _refuse(f"AWQ in its {version} layout (the GEMM layout is served)")
+    if not q.get("zero_point", True):
+        raise _refuse("AWQ without zero points")
+    if q.get("modules_to_not_convert"):
+        raise _refuse(f"AWQ with unquantized layers ({q['modules_to_not_convert']})")
+    bits = q.get("bits", q.get("w_bit"))
+    return QuantConfig("awq", _bits({"bits": bits}), _group(q.get("group_size", q.get("q_group_size"))), False)
+
+
+def _compressed_tensors(q: dict) -> QuantConfig:
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1:
+        raise _refuse(f"compressed-tensors with {len(groups)} config groups")
+    (scheme,) = groups.values()
+    fmt = scheme.get("format") or q.get("format")
+    weights = scheme.get("weights") or {}
+    if fmt != "pack-quantized" or weights.get("type", "int") != "int":
+        raise _refuse(f"compressed-tensors {fmt} ({weights.get('type')} weights)")
+    if scheme.get("input_activations"):
+        raise _refuse("compressed-tensors with quantized activations (W8A8)")
+    if weights.get("actorder"):
+        raise _refuse("compressed-tensors with act order")
+    if weights.get("dynamic"):
+        raise _refuse("compressed-tensors with dynamic weight scales")
+    if set(scheme.get("targets") or ["Linear"]) != {"Linear"}:
+        raise _refuse(f"compressed-tensors targeting {scheme.get('targets')}")
+    ignore = [i for i in q.get("ignore") or [] if i != "lm_head"]
+    if ignore:
+        raise _refuse(f"compressed-tensors leaving layers unquantized ({ignore[:3]})")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise _refuse(f"compressed-tensors with the {strategy} strategy")
+    group = _group(weights.get("group_size")) if strategy == "group" else 0
+    return QuantConfig("compressed-tensors", _bits(weights, "num_bits"), group, bool(weights.get("symmetric", True)))
+
+
+def online(method: str) -> QuantConfig:
+    if method == "int8":
+        return QuantConfig("int8", 8, 0, True)
+    return QuantConfig("int4", 4, ONLINE_INT4_GROUP, False)
+
+
+def resolve(model_dir: str | None, asked: str | None) -> QuantConfig | None:
+    """What the engine serves: the checkpoint's own quantization, or `asked` (--quantization:
+    an online method for a 16-bit checkpoint, or the checkpoint's method named)."""
+    raw = {}
+    if model_dir is not None:
+        try:
+            with open(os.path.join(model_dir, "config.json")) as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            raw = {}
+    found = from_checkpoint(raw)
+    asked = None if asked in (None, "none") else asked
+    if asked is not None and asked not in METHODS:
+        raise QuantError(f"--quantization {asked} is not served; use one of none, {', '.join(METHODS)}")
+    if found is not None:
+        if asked is not None and asked != found.method:
+            raise QuantError(f"--quantization {asked}: the checkpoint is quantized with {found.method}; "
+                             f"leave --quantization out (or name {found.method})")
+        return found
+    if asked in CHECKPOINT_METHODS:
+        raise QuantError(f"--quantization {asked}: the checkpoint has no {asked} quantization_config; "
+                         f"for a 16-bit checkpoint use --quantization int8 or int4")
+    return online(asked) if asked else None
+
+
+# ---- the layout ------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A decoder projection in the engine's quantized layout (see the module's docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, qc: QuantConfig) -> None:
+        super().__init__()
+        group = qc.group_of(in_features)
+        if in_features % group or (qc.bits == 4 and in_features % 2):
+            raise QuantError(f"{qc.describe()}: a projection of {in_features} inputs does not divide into groups "
+                             f"of {group}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, qc.bits, group
+        frozen = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)  # noqa: E731
+        self.qweight = frozen(out_features, in_features * qc.bits // 8, dtype=torch.uint8)
+        self.scales = frozen(out_features, in_features // group, dtype=torch.float32)
+        self.zeros = frozen(out_features, in_features // group, dtype=torch.uint8)
+        self.bias = frozen(out_features, dtype=torch.float32) if bias else None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in `dtype`, computed in float32."""
+        codes = unpack_codes(self.qweight, self.bits).float()
+        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
+        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        return ((codes - zeros) * scales).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}"
+
+
+def quantize_linears(model: nn.Module, qc: QuantConfig) -> None:
+    """Put QuantLinear in place of every decoder projection (on whatever device the model is)."""
+    for name, m in list(model.named_modules()):
+        if name.rpartition(".")[2] in PROJECTIONS and isinstance(m, nn.Linear):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qc).to(m.weight.device)
+            setattr(parent, name.rpartition(".")[2], q)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] codes (0 .. 2^bits - 1) -> the layout's uint8 qweight."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return qweight
+    return torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+
+
+# ---- online quantization ---------------------------------------------------------------------
+def quantize(weight: torch.Tensor, qc: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 16/32-bit W [N, K] -> (qweight, scales, zeros) in the layout: round to nearest, per group
+    of `qc.group_size` along K (symmetric: scale = max |w| / (2^(bits-1) - 1), zero 2^(bits-1);
+    else scale = (max - min) / (2^bits - 1), zero = round(-min / scale))."""
+    w = weight.float()
+    n, k = w.shape
+    group = qc.group_of(k)
+    g = w.reshape(n, k // group, group)
+    top = (1 << qc.bits) - 1
+    if qc.symmetric:
+        half = 1 << (qc.bits - 1)
+        scales = g.abs().amax(-1).clamp_min(1e-8) / (half - 1)
+        zeros = torch.full_like(scales, half)
+    else:
+        lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)
+        scales = ((hi - lo) / top).clamp_min(1e-8)
+        zeros = (-lo / scales).round().clamp(0, top)
+    codes = (g / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).round().clamp(0, top)
+    return pack_codes(codes.reshape(n, k), qc.bits), scales, zeros.to(torch.uint8)
+
+
+# ---- reading the checkpoint formats ----------------------------------------------------------
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words holding 32 / bits codes each, lowest bits first, packed along `dim` -> the
+    codes (int32, 0 .. 2^bits - 1), that dimension 32 / bits times longer."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    mask = (1 << bits) - 1
+    packed = packed.to(torch.int32)
+    if dim == 0:
+        codes = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+        return codes.reshape(-1, packed.shape[1])
+    codes = (packed.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask
+    return codes.reshape(packed.shape[0], -1)
+
+
+def _awq_columns(codes: torch.Tensor) -> torch.Tensor:
+    """Columns of AWQ-packed codes back in their order: nibble j of word i is column 8i + ORDER[j]."""
+    n = codes.shape[1]
+    where = (torch.arange(n) // 8) * 8 + torch.tensor(AWQ_ORDER)[torch.arange(n) % 8]
+    out = torch.empty_like(codes)
+    out[:, where] = codes
+    return out
+
+
+def convert(name: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str, torch.Tensor]]:
+    """One checkpoint tensor -> the layout's tensors it holds, under our leaf names (qweight,
+    scales, zeros); tensors of modules that are not quantized pass as they are."""
+    module, _, leaf = name.rpartition(".")
+    if module.rpartition(".")[2] not in CHECKPOINT_PROJECTIONS or leaf == "bias":
+        return [(name, tensor)]
+    bits = qc.bits
+    if qc.method in ONLINE:
+        if leaf != "weight":
+            return [(name, tensor)]
+        q, s, z = quantize(tensor, qc)
+        return [(f"{module}.qweight", q), (f"{module}.scales", s), (f"{module}.zeros", z)]
+    if qc.method == "gptq":
+        if leaf == "qweight":  # [K * bits / 32, N]
+            return [(f"{module}.qweight", pack_codes(unpack_int32(tensor, bits, 0).t(), bits))]
+        if leaf == "qzeros":  # [K / G, N * bits / 32], stored zero - zeros_offset
+            zeros = (unpack_int32(tensor, bits, 1) + qc.zeros_offset) & ((1 << bits) - 1)
+            return [(f"{module}.zeros", zeros.t().to(torch.uint8).contiguous())]
+        if leaf == "scales":
+            return [(f"{module}.scales", tensor.t().contiguous())]
+        if leaf == "g_idx":  # without act order: k // G; anything else would need a permutation
+            k = tensor.shape[0]
+            if not torch.equal(tensor.long(), torch.arange(k) // qc.group_of(k)):
+                raise _refuse(f"GPTQ with act order ({name} is not k // group_size)")
+            return []
+    elif qc.method == "awq":
+        if leaf in ("qweight", "qzeros"):  # [K or K / G, N / 8], AWQ's column order
+            codes = _awq_columns(unpack_int32(tensor, bits, 1)).t()
+            if leaf == "qweight":
+                return [(f"{module}.qweight", pack_codes(codes, bits))]
+            return [(f"{module}.zeros", codes.to(torch.uint8).contiguous())]
+        if leaf == "scales":
+            return [(f"{module}.scales", tensor.t().contiguous())]
+    else:  # compressed-tensors pack-quantized
+        if leaf == "weight_packed":  # [N, ceil(K * bits / 32)], codes + 2^(bits-1)
+            return [(f"{module}.qweight", pack_codes(unpack_int32(tensor, bits, 1), bits))]
+        if leaf == "weight_scale":
+            out = [(f"{module}.scales", tensor)]
+            if qc.symmetric:  # no zero points stored: the offset's code
+                out.append((f"{module}.zeros", torch.full(tensor.shape, 1 << (bits - 1), dtype=torch.uint8)))
+            return out
+        if leaf == "weight_zero_point":  # [ceil(N * bits / 32), K / G], zero + 2^(bits-1)
+            return [(f"{module}.zeros", unpack_int32(tensor, bits, 0).to(torch.uint8))]
+        if leaf == "weight_shape":
+            return []
+    raise QuantError(f"{name}: a tensor a {qc.method} checkpoint does not have; the checkpoint does not "
+                     f"match its quantization_config")
+

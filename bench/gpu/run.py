@@ -4,6 +4,9 @@
     bandwidth    device memory bandwidth, GB/s (a large copy: bytes read + written / time)
     kernels      the Triton paged-attention kernels against the torch reference in the serving
                  dtype: max error and time, at Llama-3-8B's and Gemma 3's attention shapes
+    quant_kernels  the fused W4A16 / W8A16 projection (ops/triton_quant.py) at Llama-3-8B's shapes,
+                 batch 1..256: time against the bf16 matmul and against its own bandwidth floor,
+                 error against dequantize-then-matmul (quant_kernels.py)
     tiny_exact   tiny random Llama / Qwen3 / Gemma 3 models, greedy, on the device in float32:
                  vidya's tokens against transformers' generate(), token for token, with and
                  without async scheduling
@@ -50,6 +53,7 @@ import traceback
 
 import torch
 
+from quant_kernels import quant_kernels
 from real_models import real_models
 from serving import LLAMA3_8B, TOY, model_dir, serve_8b
 
@@ -247,6 +251,7 @@ def main() -> int:
         if isinstance(bw, dict) and "gb_s" in bw:
             gb_s = bw["gb_s"]
         section("kernels", lambda: kernels(device, dtype, args.smoke))
+        section("quant_kernels", lambda: quant_kernels(device, dtype, args.smoke, gb_s, timed))
         section("tiny_exact", lambda: tiny_exact(device, workdir, args.smoke))
         section("real_models", lambda: real_models(device, args.smoke))
         section("serve_8b", lambda: serve_8b(device, workdir, args.smoke, gb_s, None, steady=True))
@@ -258,8 +263,9 @@ def main() -> int:
         section("sweep_24gb", lambda: sweep_24gb(device, workdir, out_dir, args.smoke))
         section("sweep_24gb_sync", lambda: sweep_24gb(device, workdir, out_dir, args.smoke, ("--no-async-scheduling",),
                                                       "gpu-sweep-24gb-sync"))
-    checks = [k.get("ok") for k in result.get("kernels", []) if isinstance(k, dict)]
-    checks += [t.get("token_exact") for t in result.get("tiny_exact", []) if isinstance(t, dict)]
+    rows = lambda name: result.get(name) if isinstance(result.get(name), list) else []  # noqa: E731 (a failed section: a dict)
+    checks = [k.get("ok") for k in rows("kernels") + rows("quant_kernels") if isinstance(k, dict)]
+    checks += [t.get("token_exact") for t in rows("tiny_exact") if isinstance(t, dict)]
     result["all_ok"] = not failed and all(checks)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2, default=str)

@@ -1,16 +1,24 @@
 """The Triton ops backend (see vidya/ops/__init__.py): torch's matmuls (cuBLAS on a GPU), vidya's
 Triton kernels for the rest of a layer: the fused residual add + RMSNorm and gated activation
-(ops/triton_kernels.py), RoPE with the KV-cache write, and paged attention reading q straight
-from the qkv buffer (attention/triton_paged.py). Chosen with the "triton" attention backend: on
+(ops/triton_kernels.py), RoPE with the KV-cache write, paged attention reading q straight
+from the qkv buffer (attention/triton_paged.py), and quantized projections with their
+dequantization fused into the product (ops/triton_quant.py). Chosen with the "triton" attention backend: on
 CUDA by default, on CPU only under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
 from vidya.attention import triton_paged
+from vidya.models.quant import QuantLinear
 from vidya.ops import triton_kernels as tk
+from vidya.ops import triton_quant
 from vidya.ops.torch_ops import TorchOps
 
 
 class TritonOps(TorchOps):
+    def linear(self, lin, x):
+        if isinstance(lin, QuantLinear) and triton_quant.supported(lin):
+            return triton_quant.quant_linear(x, lin)
+        return super().linear(lin, x)
+
     def add_rms_norm(self, x, residual, norm):
         return tk.add_rms_norm(x, residual, norm.weight, norm.eps)
 

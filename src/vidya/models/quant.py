@@ -259,8 +259,11 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 # ---- online quantization ---------------------------------------------------------------------
 def quantize(weight: torch.Tensor, qc: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A 16/32-bit W [N, K] -> (qweight, scales, zeros) in the layout: round to nearest, per group
-    of `qc.group_size` along K (symmetric: scale = max |w| / (2^(bits-1) - 1), zero 2^(bits-1);
-    else scale = (max - min) / (2^bits - 1), zero = round(-min / scale))."""
+    of `qc.group_of(K)` along K (symmetric: scale = max |w| / (2^(bits-1) - 1), zero 2^(bits-1);
+    else over [min(w, 0), max(w, 0)]: scale = range / (2^bits - 1), zero = round(-min / scale),
+    as GPTQ's round-to-nearest quantizer). (Clipping each group's range to the least squared
+    error was tried: SmolLM2's Hindi perplexity in int4 g128 went from +29% to +75% over 16-bit:
+    the outliers it clips matter more than the step it refines.)"""
     w = weight.float()
     n, k = w.shape
     group = qc.group_of(k)

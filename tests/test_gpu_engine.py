@@ -62,7 +62,8 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "run.py"), "--smoke", "--json", str(out),
-                        "--only", "versions", "bandwidth", "serve_8b", "a10", "sweep_24gb"], capture_output=True, text=True, timeout=300)
+                        "--only", "versions", "bandwidth", "serve_8b", "a10", "sweep_24gb", "serve_8b_w4a16"],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["all_ok"] and r["bandwidth"]["gb_s"] > 0
@@ -83,6 +84,9 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     assert all(150 < lv["prompt_tokens_per_request"] < 260 for lv in sw["levels"])  # the tutor's prompt lengths
     assert json.loads((tmp_path / "gpu-sweep-24gb.json").read_text())["levels"] == sw["levels"]
     assert sw["plan"]["feasible"] and sw["plan"]["hpa_target_running_per_pod"] == 2
+    q = r["serve_8b_w4a16"]  # the projections in int4 over the dummy weights: fewer bytes a step reads
+    assert q["quantization"] == "int4 W4A16 g128 asym" and q["output_tok_s"] > 0
+    assert q["weight_bytes"] < s["weight_bytes"] and s["quantization"] is None
 
 
 def test_the_gpu_real_model_section_runs_here_and_agrees_in_float32(tmp_path):

@@ -29,6 +29,10 @@
                  step at 600 GB/s divided by the efficiency the 24 GB run reached against its own
                  floor, output tok/s for the bench's requests and for the tutor's, against the
                  compute ceiling
+    serve_8b_w4a16, serve_8b_w8a16, serve_8b_24gb_w4a16  serve_8b (and the 24 GB run) with the
+                 projections quantized online (int4 g128, int8 per channel) over the dummy weights:
+                 decode steps against their own, smaller, weight-bandwidth floor (last: the
+                 sections before them fill run.sh's 9 minutes; name them with --only)
     sweep_24gb   `vidya serve` on the GPU (the 8B shape, dummy weights, 24 GB), `vidya bench sweep`
                  with the tutor's requests at concurrency 16..256, then `vidya plan` on it (sweep.py);
                  the sweep file is written beside the results
@@ -263,6 +267,9 @@ def main() -> int:
         section("sweep_24gb", lambda: sweep_24gb(device, workdir, out_dir, args.smoke))
         section("sweep_24gb_sync", lambda: sweep_24gb(device, workdir, out_dir, args.smoke, ("--no-async-scheduling",),
                                                       "gpu-sweep-24gb-sync"))
+        for q, name in (("int4", "w4a16"), ("int8", "w8a16")):
+            section(f"serve_8b_{name}", lambda q=q: serve_8b(device, workdir, args.smoke, gb_s, None, quantization=q))
+        section("serve_8b_24gb_w4a16", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, quantization="int4"))
     rows = lambda name: result.get(name) if isinstance(result.get(name), list) else []  # noqa: E731 (a failed section: a dict)
     checks = [k.get("ok") for k in rows("kernels") + rows("quant_kernels") if isinstance(k, dict)]
     checks += [t.get("token_exact") for t in rows("tiny_exact") if isinstance(t, dict)]

@@ -34,7 +34,8 @@ def percentiles(xs: list[float]) -> dict:
 
 
 def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
-             steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool | None = None) -> dict:
+             steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool | None = None,
+             quantization: str | None = None) -> dict:
     """The 8B shape serving n_req requests offline (figures in the module's docstring). Past
     deadline_s seconds of serving the rest are left unfinished and `truncated` is set, so that a
     slow engine leaves the run time for the sections after it."""
@@ -59,6 +60,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     engine = LLMEngine(EngineArgs(model=path, load_format="dummy", dtype="bfloat16", device=str(device),
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
+                                  quantization=quantization,  # (online int8/int4 over the dummy weights)
                                   # (smoke: the GPU's defaults and their bookkeeping, on CPU)
                                   overlap_outputs=True if smoke else None,
                                   async_scheduling=True if smoke and async_scheduling is None else async_scheduling))
@@ -143,6 +145,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
            "gpu_memory_utilization": util, "startup_s": startup, "num_kv_blocks": engine.kv.pool.num_blocks,
            "cuda_graphs": engine.runner.graphs is not None, "overlap_outputs": engine.overlap_outputs,
            "async_scheduling": engine.async_scheduling, "backend": engine.platform.describe(),
+           "quantization": engine.platform.quantization, "weight_bytes": weights,
            "wall_s": wall, "truncated": truncated,
            "output_tok_s": sum(produced.values()) / wall, "preemptions": engine.scheduler.num_preemptions,
            "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),

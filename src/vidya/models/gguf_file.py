@@ -141,6 +141,7 @@ def config_from_gguf(path: str):
     if g("rope.scaling.type") == "linear":
         rope.update(rope_type="linear", factor=float(g("rope.scaling.factor")))
     names = {t.name for t in r.tensors}
+    freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
     kwargs = dict(
         architectures=[hf_arch], vocab_size=int(vocab), hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
@@ -152,6 +153,11 @@ def config_from_gguf(path: str):
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
         rope_parameters=rope, rope_theta=rope["rope_theta"],
     )
+    if freqs is not None:
+        # llama.cpp writes a Llama 3.1 file's llama3 RoPE scaling as a tensor of divisors, one per
+        # frequency (what the HF config's factor / low / high / original length work out to)
+        from gguf.quants import dequantize
+        kwargs["rope_freq_factors"] = [float(f) for f in dequantize(freqs.data, freqs.tensor_type).reshape(-1)]
     if model_type == "qwen2":
         kwargs.pop("head_dim")
     if model_type == "gemma3_text":

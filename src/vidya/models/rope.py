@@ -1,5 +1,5 @@
-"""Rotary position embeddings: inverse frequencies (default and llama3 scaling) and a cos/sin
-table indexed by position. Computed in float32 as transformers does, then cast."""
+"""Rotary position embeddings: inverse frequencies (default, linear and llama3 scaling, or a
+GGUF's explicit per-frequency divisors) and a cos/sin table indexed by position. Computed in float32 as transformers does, then cast."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,16 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 
 
 def inv_freq_for(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
-    p = rope_parameters(config, layer_type)
+    inv_freq, scaling = _scaled_inv_freq(rope_parameters(config, layer_type), head_dim)
+    factors = getattr(config, "rope_freq_factors", None)
+    if factors is not None:  # a GGUF's rope_freqs (Llama 3.1's scaling, as llama.cpp writes it): each divides
+        if len(factors) != inv_freq.shape[0]:
+            raise ValueError(f"rope_freqs has {len(factors)} factors for {inv_freq.shape[0]} frequencies")
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
+    return inv_freq, scaling
+
+
+def _scaled_inv_freq(p: dict, head_dim: int) -> tuple[torch.Tensor, float]:
     base = float(p["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = p["rope_type"]

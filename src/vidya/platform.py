@@ -177,6 +177,10 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         p = _cpu_platform(dev, dtype, backend, source)
     p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
                             quantization=quantization)
+    if quantization and p.device.type == "cpu":
+        p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
+            "quantized weights on a CPU run the torch reference, dequantized every step: memory saved, "
+            "several times slower than 16-bit on the C++ kernels")))))
     if p.attention == "triton" and p.device.type == "cpu" and (p.dtype, p.kv_dtype) != (torch.float32,) * 2:
         # Triton's interpreter computes tl.dot on 16-bit operands wrongly (3.9: a 16x16 bf16 dot off
         # by ~1e10; fp32 exact), so its attention answers garbage in bf16 (compiled, on a GPU, it is right)

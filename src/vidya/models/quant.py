@@ -224,10 +224,10 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in `dtype`, computed in float32."""
-        codes = unpack_codes(self.qweight, self.bits).float()
-        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
-        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
-        return ((codes - zeros) * scales).to(dtype)
+        n, groups = self.scales.shape
+        codes = unpack_codes(self.qweight, self.bits).view(n, groups, self.group_size).float()
+        w = (codes - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+        return w.view(n, self.in_features).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}"

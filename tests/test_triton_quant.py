@@ -74,3 +74,33 @@ def test_the_gpu_scripts_quant_kernel_section_runs_at_toy_size(tmp_path):
     rows = json.loads(out.read_text())["quant_kernels"]
     assert len(rows) == 4 and all(r["ok"] and r["fused_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert {r["method"] for r in rows} == {"int4 W4A16 g128 asym", "int8 W8A16 per channel"}
+
+
+def test_quantized_decode_steps_replayed_from_graph_buckets_with_async_scheduling_change_no_token(tiny_models,
+                                                                                                  monkeypatch):
+    """The CUDA-graph path on CPU (as tests/test_equivalence.py's graph test: an eager stand-in
+    replaying the bucket's captured forward over its static buffers), with async scheduling, on
+    the tiny Llama in int4 through the fused kernel: the tokens of the torch ops without graphs."""
+    from conftest import make_engine, run_to_completion
+    from test_equivalence import EagerGraph
+    from vidya import SamplingParams
+    from vidya.engine.cuda_graphs import DecodeGraphs, decode_buckets
+
+    def eager_capture(self, run, device):
+        out = run()
+        return EagerGraph(run, out), out
+    monkeypatch.setattr(DecodeGraphs, "capture", eager_capture)
+    prompts = [[5, 9, 17, 3], list(range(3, 40)), [7] * 11]
+    lengths = [8, 6, 4]
+
+    def run(engine):
+        ids = [engine.add_request(None, p, SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n))
+               for p, n in zip(prompts, lengths)]
+        done = run_to_completion(engine)
+        return [done[i].outputs[0].token_ids for i in ids]
+    want = run(make_engine(tiny_models["llama"][0], backend="torch", quantization="int4"))
+    engine = make_engine(tiny_models["llama"][0], backend="triton", quantization="int4", async_scheduling=True)
+    runner = engine.runner
+    runner.capture_decode_graphs(decode_buckets(4), -(-engine.max_model_len // runner.block_size))
+    assert run(engine) == want
+    assert all(g.replays > 0 for b, g in runner.graphs.graphs.items() if b in (4, 2, 1))

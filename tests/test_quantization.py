@@ -281,3 +281,11 @@ def test_the_server_names_the_quantization_on_its_start_up_line_and_version(tiny
         assert client.completions.create(model="tiny", prompt="w5 w6", max_tokens=4).usage.completion_tokens == 4
     finally:
         s.terminate()
+
+
+def test_a_benchmark_result_line_names_the_servers_quantization():
+    from vidya.bench.serve import backend_line
+    backend = {"device": "cuda", "isa": "cuda", "backend": "cuda", "dtype": "bfloat16", "weight_dtype": "bfloat16",
+               "kv_cache_dtype": "bfloat16", "quantization": "awq W4A16 g128 asym"}
+    assert "awq W4A16 g128 asym weights" in backend_line(backend)
+    assert "bfloat16 weights" in backend_line({**backend, "quantization": None})

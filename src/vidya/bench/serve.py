@@ -184,8 +184,9 @@ def backend_line(backend: dict | None) -> str:
     """A vidya server's backend (server_backend's dict) in one line; what another server runs is unknown."""
     if not backend:
         return "server backend: not reported (not a vidya server)"
+    weights = f"{backend['quantization']} weights" if backend.get("quantization") else f"{backend['weight_dtype']} weights"
     return (f"server backend: {backend['device']} {backend['isa']} ({backend['backend']}): {backend['dtype']} math, "
-            f"{backend['weight_dtype']} weights, {backend['kv_cache_dtype']} KV cache")
+            f"{weights}, {backend['kv_cache_dtype']} KV cache")
 
 
 async def server_metrics(client: httpx.AsyncClient, base: str) -> dict:

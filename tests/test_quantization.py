@@ -289,3 +289,20 @@ def test_a_benchmark_result_line_names_the_servers_quantization():
                "kv_cache_dtype": "bfloat16", "quantization": "awq W4A16 g128 asym"}
     assert "awq W4A16 g128 asym weights" in backend_line(backend)
     assert "bfloat16 weights" in backend_line({**backend, "quantization": None})
+
+
+def test_online_quantization_under_tensor_parallelism_equals_one_rank_or_is_refused(tiny_models):
+    """Per channel (int8) each rank's part of a row keeps the row's scale: TP=2 gives TP=1's
+    tokens. Grouped (int4) a rank's groups are the whole projection's, so a part that would cut a
+    group is refused (the tiny model's o_proj: K 64 in one group, 32 a rank), never quantized
+    with other groups than one rank would use."""
+    model_dir, hf = tiny_models["llama"]
+    batch = prompts(hf.config.vocab_size)
+    want = greedy_tokens(make_engine(model_dir, quantization="int8"), batch)
+    engine = make_engine(model_dir, quantization="int8", tensor_parallel_size=2)
+    try:
+        assert greedy_tokens(engine, batch) == want
+    finally:
+        engine.close()
+    with pytest.raises(ModelLoadError, match="tensor-parallel part"):
+        make_engine(model_dir, quantization="int4", tensor_parallel_size=2)

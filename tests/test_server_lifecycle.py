@@ -250,3 +250,25 @@ def test_sigterm_during_the_worst_request_exits_within_the_timeout_and_a_second_
     finally:
         one.terminate()
         two.terminate()
+
+
+def test_a_cut_drain_with_short_steps_exits_0_not_as_a_dead_engine(tiny_models):
+    """The review of issue 31's drain: at the deadline the engine is told to stop; where steps are
+    short (a GPU, a tiny model) its thread ends before the next tick, which then read the engine
+    as dead and exited 1 blaming a rank. A stream cut by the timeout must still end in exit 0."""
+    s = LiveServer("--model", tiny_models["llama"][0], "--served-model-name", "tiny", "--max-model-len", "512",
+                   "--no-tutor-warmup", "--kv-cache-memory", "1", "--shutdown-timeout", "0.5")
+    out: dict = {}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 16, "max_tokens": 480,
+            "ignore_eos": True, "stream": True}
+    t = stream_events(s.url, body, out)
+    try:
+        wait_for(lambda: s.metric("num_requests_running") > 0, 60)
+        s.proc.send_signal(15)
+        assert s.proc.wait(30) == 0, s.log()[-2000:]
+        t.join(10)
+        err = json.loads(out["events"][-2])["error"]  # cut, with the OpenAI error event
+        assert "shutting down" in err["message"], err
+        assert "engine stopped" not in s.log() and "rank died" not in s.log()
+    finally:
+        s.terminate()

@@ -29,7 +29,6 @@ def quant_kernels(device: torch.device, dtype: torch.dtype, smoke: bool, gb_s: f
                 lin.scales.copy_(s)
                 lin.zeros.copy_(z)
             lin = lin.to(device)
-            lin.scales.data = lin.scales.data.to(dtype)
             dense = lin.dequantize(dtype)
             weight_bytes = lin.qweight.numel() + lin.scales.numel() * lin.scales.element_size() + lin.zeros.numel()
             for m in batches:

@@ -201,8 +201,8 @@ def _tp_timeout() -> float:
         seconds = float(value)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
-        raise ValueError(f"{TP_TIMEOUT_ENV_VAR} must be a positive number of seconds, got {value!r}")
+    if not 0 < seconds <= 7 * 86400:
+        raise ValueError(f"{TP_TIMEOUT_ENV_VAR} must be a number of seconds above 0 and at most a week, got {value!r}")
     return seconds
 
 

@@ -98,6 +98,11 @@ class AsyncLLM:
             self._deliver(rid, EngineDeadError(message))
         return len(open_ids)
 
+    @property
+    def stop_requested(self) -> bool:
+        """stop() or shutdown() was called: the engine thread ending is expected, not a death."""
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Ask the engine thread to stop after its current step (no new step starts); returns at once."""
         self._stop.set()

@@ -281,7 +281,7 @@ class ModelRunner:
         if pad:
             self.padded_rows += pad - len(out.scheduled)
         if self.workers is not None:  # every rank runs the same step on its shard
-            self.workers.send(Step(inp.input_ids, inp.positions, inp.meta, inp.logits_indices))
+            self.workers.send(Step.on_host(inp.input_ids, inp.positions, inp.meta, inp.logits_indices))
         if pad and self.graphs is not None:
             hidden = self.graphs.replay(inp.input_ids, inp.positions, inp.meta)
         else:

@@ -70,6 +70,15 @@ class Step:
     meta: Any  # attention.metadata.AttentionMetadata
     logits_indices: torch.Tensor
 
+    @classmethod
+    def on_host(cls, input_ids, positions, meta, logits_indices) -> "Step":
+        """The step with its tensors in host memory: pickled from a GPU they would come back on
+        rank 0's device in every worker (and open a context there); each worker moves them to its own."""
+        cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        meta = dataclasses.replace(meta, **{f.name: cpu(getattr(meta, f.name)) for f in dataclasses.fields(meta)
+                                            if isinstance(getattr(meta, f.name), torch.Tensor)})
+        return cls(cpu(input_ids), cpu(positions), meta, cpu(logits_indices))
+
 
 @dataclass(frozen=True, slots=True)
 class Stop:
@@ -214,12 +223,17 @@ class Workers:
                 raise RuntimeError(f"tensor-parallel rank {rank} died (its pipe is closed)") from None
 
     def close(self, kill: bool = False) -> None:
-        """Tell the workers to stop (or, with `kill`, terminate them) and wait for them."""
+        """Tell the workers to stop (or, with `kill`, terminate them) and wait for them. `kill` is
+        for a rank 0 whose engine thread may still be inside a collective: the group is left as it
+        is (destroying it under a collective can block), the process is about to leave."""
         if not kill:
-            try:
-                self.send(Stop())
-            except RuntimeError:  # a dead worker: terminate the rest below
-                pass
+            stop = pickle.dumps(Stop())
+            for p, conn in zip(self.procs, self.conns):  # each live worker, whatever the others
+                if p.is_alive():
+                    try:
+                        conn.send_bytes(stop)
+                    except OSError:
+                        pass
         for p in self.procs:
             p.join(timeout=0 if kill else 10)
             if p.is_alive():
@@ -228,7 +242,7 @@ class Workers:
         for conn in self.conns:
             conn.close()
         self.conns = []
-        if dist.is_initialized():
+        if not kill and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -237,12 +251,12 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
     Load, Profile (on a GPU), Cache (each answered READY when done), then a Step per step, until
     Stop (or rank 0's end of the pipe closes: rank 0 is gone). Between messages it waits on the
     pipe as long as rank 0 idles."""
-    conn.send_bytes(READY)
     from vidya.engine.model_runner import ModelRunner, profile_forward
     from vidya.models import loader
     from vidya.ops import make_ops
     torch.set_num_threads(threads_per_rank(world))
     platform = platform.for_rank(rank)
+    conn.send_bytes(READY)  # (started: rank 0 now meets this rank in init_group)
     tp = init_group(rank, world, port, platform)
     src = loader.resolve(args.model)
     shard = shard_config(loader.load_config(src), world)

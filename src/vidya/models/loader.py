@@ -110,6 +110,22 @@ def resolve(model: str) -> ModelSource:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
+def _complete(path: str) -> bool:
+    """A cached snapshot holds a config and all its weights (a tokenizer or config fetched alone
+    by transformers leaves a snapshot without them)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        return all(os.path.isfile(os.path.join(path, s)) for s in shards)
+    return bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
 def _download(repo_id: str) -> str:
     """A hub id: from the Hugging Face cache if it is there (no network, nothing written: a cache
     mounted read-only, or owned by another user, serves as it is), else downloaded into it. Each
@@ -118,7 +134,9 @@ def _download(repo_id: str) -> str:
     from huggingface_hub import errors as hub
     cache = constants.HF_HUB_CACHE
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        if _complete(path):
+            return path
     except Exception:  # noqa: BLE001 - not (all) in the cache: fetch it below
         pass
     if constants.HF_HUB_OFFLINE:
@@ -312,10 +330,14 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
         with torch.device("meta"):
             model = model_class(config)(config, max_positions)
             if qc is not None:
-                quant.quantize_linears(model, qc)
+                quant.quantize_linears(model, qc, tp.world_size)
     except ValueError as e:  # a variant of a family we do not implement
         raise ModelLoadError(f"{src.name}: {e}") from None
-    model = model.to(dtype).to_empty(device=device)  # (meta tensors: the cast costs nothing)
+    model = model.to(dtype)  # (meta tensors: the cast costs nothing)
+    for m in model.modules():  # a quantized layout's scales stay float32 (fp16 ones would lose bits in bf16)
+        if isinstance(m, QuantLinear):
+            m.scales.data = m.scales.data.float()
+    model = model.to_empty(device=device)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     if load_format == "dummy":

@@ -4,8 +4,8 @@ made at load from a 16-bit checkpoint (online).
 The layout (`QuantLinear`), for a projection y = x W^T + b with W [N, K] (N outputs, K inputs):
 
     qweight  uint8 [N, K * bits / 8]   codes, unsigned; 4 bits: two a byte, even k in the low nibble
-    scales   [N, K / G]                in the model's dtype; G is the group size along K (K: one
-                                       group a row, "per channel")
+    scales   [N, K / G]                float32 (a checkpoint's fp16 scales kept exactly); G is the
+                                       group size along K (K: one group a row, "per channel")
     zeros    uint8 [N, K / G]          the code of 0.0 (2^(bits-1) for a symmetric format)
 
     W[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]
@@ -144,7 +144,9 @@ def _awq(q: dict) -> QuantConfig:
     if q.get("modules_to_not_convert"):
         raise _refuse(f"AWQ with unquantized layers ({q['modules_to_not_convert']})")
     bits = q.get("bits", q.get("w_bit"))
-    return QuantConfig("awq", _bits({"bits": bits}), _group(q.get("group_size", q.get("q_group_size"))), False)
+    if bits != 4:
+        raise _refuse(f"AWQ with {bits}-bit weights (its GEMM layout is 4-bit)")
+    return QuantConfig("awq", 4, _group(q.get("group_size", q.get("q_group_size"))), False)
 
 
 def _compressed_tensors(q: dict) -> QuantConfig:
@@ -209,12 +211,16 @@ def resolve(model_dir: str | None, asked: str | None) -> QuantConfig | None:
 class QuantLinear(nn.Module):
     """A decoder projection in the engine's quantized layout (see the module's docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, qc: QuantConfig) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, qc: QuantConfig,
+                 full_in_features: int | None = None) -> None:
+        """`full_in_features`: K of the whole projection where this is a tensor-parallel rank's part
+        of it along K (row-parallel): the groups are the whole projection's."""
         super().__init__()
-        group = qc.group_of(in_features)
+        group = qc.group_of(full_in_features or in_features)
         if in_features % group or (qc.bits == 4 and in_features % 2):
             raise QuantError(f"{qc.describe()}: a projection of {in_features} inputs does not divide into groups "
-                             f"of {group}")
+                             f"of {group}" + (" (its tensor-parallel part; use a tensor-parallel size that cuts "
+                                              "it on group boundaries)" if full_in_features else ""))
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, qc.bits, group
         frozen = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)  # noqa: E731
         self.qweight = frozen(out_features, in_features * qc.bits // 8, dtype=torch.uint8)
@@ -233,13 +239,21 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}"
 
 
-def quantize_linears(model: nn.Module, qc: QuantConfig) -> None:
-    """Put QuantLinear in place of every decoder projection (on whatever device the model is)."""
+ROW_PARALLEL = ("o_proj", "down_proj")  # cut along K under tensor parallelism
+
+
+def quantize_linears(model: nn.Module, qc: QuantConfig, world: int = 1) -> None:
+    """Put QuantLinear in place of every decoder projection (on whatever device the model is);
+    `world`: the tensor-parallel size the model is a rank's part of."""
     for name, m in list(model.named_modules()):
-        if name.rpartition(".")[2] in PROJECTIONS and isinstance(m, nn.Linear):
+        leaf = name.rpartition(".")[2]
+        if leaf in PROJECTIONS and isinstance(m, nn.Linear):
             parent = model.get_submodule(name.rpartition(".")[0])
-            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qc).to(m.weight.device)
-            setattr(parent, name.rpartition(".")[2], q)
+            # a row-parallel rank's groups are the whole projection's; per channel, each rank's
+            # part of a row shares the row's one scale (the same scales on every rank)
+            full = m.in_features * world if leaf in ROW_PARALLEL and qc.group_size else None
+            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qc, full).to(m.weight.device)
+            setattr(parent, leaf, q)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -346,6 +360,8 @@ def convert(name: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str,
                 out.append((f"{module}.zeros", torch.full(tensor.shape, 1 << (bits - 1), dtype=torch.uint8)))
             return out
         if leaf == "weight_zero_point":  # [ceil(N * bits / 32), K / G], zero + 2^(bits-1)
+            if qc.symmetric:  # (some writers store zeros for a symmetric scheme: 0 by definition)
+                return []
             return [(f"{module}.zeros", unpack_int32(tensor, bits, 0).to(torch.uint8))]
         if leaf == "weight_shape":
             return []

@@ -65,7 +65,7 @@ class DrainingServer(uvicorn.Server):
         if await super().on_tick(counter):
             return True
         llm = self.state.llm
-        if llm is not None and not llm.is_alive and not self.engine_died:
+        if llm is not None and not llm.is_alive and not self.engine_died and not (llm.stop_requested and llm.error is None):
             # the engine (or a tensor-parallel rank) died: exit non-zero so that the pod restarts
             self.engine_died = True
             print(f"vidya: the engine stopped ({llm.error or 'a tensor-parallel rank died'}); exiting",

@@ -16,7 +16,8 @@ import openai
 import pytest
 from serverutil import LiveServer
 
-TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<<assistant>>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_the_models_generation_config_sets_the_defaults_and_vllm_turns_them_off(
 
 def test_chat_template_flag_replaces_the_models(vllm_style, smollm2_tokenizer):
     r = httpx.post(vllm_style.url + "/tokenize", json={"messages": [{"role": "user", "content": "namaste"}]})
-    assert r.json()["tokens"] == smollm2_tokenizer("<<user>> namaste\n", add_special_tokens=False).input_ids
+    assert r.json()["tokens"] == smollm2_tokenizer("<<user>> namaste\n<<assistant>>", add_special_tokens=False).input_ids
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(vllm_style):
@@ -126,3 +127,13 @@ def test_the_offline_llm_takes_the_generation_config_as_its_default_sampling_par
         assert llm.get_default_sampling_params().temperature == (0.0 if greedy else 1.0)
         a, b = (o.outputs[0].text for o in llm.generate(["w5 w6 w7"] * 2, use_tqdm=False))
         assert (a == b) == greedy
+
+
+def test_add_generation_prompt_false_leaves_the_assistant_turn_unopened(vllm_style, smollm2_tokenizer):
+    """vLLM's chat field reaches the chat template (the fixture's opens <<assistant>> only when asked)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "namaste"}], "max_tokens": 1}
+    count = lambda text: len(smollm2_tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    on = httpx.post(vllm_style.url + "/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+    off = httpx.post(vllm_style.url + "/v1/chat/completions",
+                     json={**body, "add_generation_prompt": False}).json()["usage"]["prompt_tokens"]
+    assert (on, off) == (count("<<user>> namaste\n<<assistant>>"), count("<<user>> namaste\n"))

@@ -158,7 +158,8 @@ def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", type=only("auto", "the KV cache takes the platform's 16- or "
                                                                "32-bit dtype; an 8-bit KV cache is not implemented yet"),
                    help="auto only: the KV cache takes the platform's 16- or 32-bit dtype (8-bit KV: not yet)")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, choices=[1],
+    p.add_argument("--pipeline-parallel-size", "-pp", default="1",
+                   type=only("1", "pipeline parallelism is not implemented; split a model with --tensor-parallel-size"),
                    help="1 only (tensor parallelism: --tensor-parallel-size)")
 
 

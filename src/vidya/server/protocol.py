@@ -234,6 +234,7 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
+    add_generation_prompt: bool = True  # (vLLM's: false leaves the assistant's turn unopened)
     continue_final_message: Any = None
     chat_template: Any = None
     documents: Any = None

@@ -98,7 +98,8 @@ class Serving:
         conversation = req.conversation()
 
         def render() -> tuple[str, list[int]]:
-            text = self.engine.apply_chat_template(conversation, **(req.chat_template_kwargs or {}))
+            text = self.engine.apply_chat_template(conversation, add_generation_prompt=req.add_generation_prompt,
+                                                   **(req.chat_template_kwargs or {}))
             return text, self.engine.tokenizer(text, add_special_tokens=False).input_ids
 
         try:

@@ -175,3 +175,16 @@ def test_a_gated_model_says_accept_the_license_and_pass_a_token(monkeypatch, tmp
     with pytest.raises(loader.ModelLoadError, match="gated model: accept its license") as e:
         loader.resolve(MODEL)
     assert "HF_TOKEN" in str(e.value) and "unreachable" not in str(e.value)
+
+
+def test_a_cached_snapshot_without_its_weights_is_not_served_as_the_model(tiny_models, tmp_path):
+    """transformers fetching a config or tokenizer alone leaves a snapshot without weights: the
+    cache must not count as holding the model (offline here: the error names the cache, not
+    'incomplete weights')."""
+    fake_hub_cache(tmp_path, MODEL, tiny_models["llama"][0])
+    snapshot = next((tmp_path / "hub").glob("models--*/snapshots/*"))
+    (snapshot / "model.safetensors").unlink()
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "vidya.cli", "serve", "--model", MODEL], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "is not in the Hugging Face cache" in r.stderr, r.stderr

@@ -185,3 +185,13 @@ def test_triton_interpreted_on_a_cpu_runs_in_float32_and_refuses_16_bits(on_cpu,
     for dtype in ("bfloat16", "float16"):
         with pytest.raises(ValueError, match=f"wrong on {dtype} operands: use dtype float32"):
             plat.resolve_platform(attention="triton", dtype=dtype)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "inf", "nan", "soon", "1e9"])
+def test_the_collectives_timeout_from_the_environment_is_checked_once_with_one_clear_error(on_cpu, monkeypatch,
+                                                                                          value):
+    monkeypatch.setenv("VIDYA_TP_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match="VIDYA_TP_TIMEOUT_S must be a number of seconds above 0"):
+        plat.resolve_platform()
+    monkeypatch.setenv("VIDYA_TP_TIMEOUT_S", "7.5")
+    assert plat.resolve_platform().tp_timeout_s == 7.5

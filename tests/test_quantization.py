@@ -242,6 +242,7 @@ def with_quantization_config(model_dir: str, dest, qc: dict) -> str:
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "act order"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "3-bit weights"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "gemv layout"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128, "version": "gemm"}, "AWQ with 8-bit weights"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized",
       "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}}, "float-quantized"),
     ({"quant_method": "compressed-tensors", "format": "int-quantized",

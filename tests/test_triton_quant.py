@@ -17,17 +17,8 @@ from vidya.models import quant  # noqa: E402
 
 def quantized_linear(n: int, k: int, bits: int, group: int, bias: bool, seed: int = 0) -> quant.QuantLinear:
     torch.manual_seed(seed)
-    method = "int8" if bits == 8 else "int4"
-    qc = quant.QuantConfig(method, bits, group, symmetric=bits == 8)
-    lin = quant.QuantLinear(k, n, bias, qc)
-    q, s, z = quant.quantize(torch.randn(n, k) * 0.05, qc)
-    with torch.no_grad():
-        lin.qweight.copy_(q)
-        lin.scales.copy_(s)
-        lin.zeros.copy_(z)
-        if bias:
-            lin.bias.copy_(torch.randn(n))
-    return lin
+    qc = quant.QuantConfig("int8" if bits == 8 else "int4", bits, group, symmetric=bits == 8)
+    return quant.QuantLinear.from_weight(torch.randn(n, k) * 0.05, qc, torch.randn(n) if bias else None)
 
 
 @pytest.mark.parametrize("bits,group,bias", [(4, 128, False), (4, 16, True), (4, 32, False), (8, 0, True),

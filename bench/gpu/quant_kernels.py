@@ -22,13 +22,7 @@ def quant_kernels(device: torch.device, dtype: torch.dtype, smoke: bool, gb_s: f
         qc = quant.online(method)
         for name, (n, k) in shapes.items():
             torch.manual_seed(0)
-            lin = quant.QuantLinear(k, n, False, qc)
-            q, s, z = quant.quantize(torch.randn(n, k) * 0.02, qc)
-            with torch.no_grad():
-                lin.qweight.copy_(q)
-                lin.scales.copy_(s)
-                lin.zeros.copy_(z)
-            lin = lin.to(device)
+            lin = quant.QuantLinear.from_weight(torch.randn(n, k) * 0.02, qc).to(device)
             dense = lin.dequantize(dtype)
             weight_bytes = lin.qweight.numel() + lin.scales.numel() * lin.scales.element_size() + lin.zeros.numel()
             for m in batches:

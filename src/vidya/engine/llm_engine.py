@@ -62,11 +62,6 @@ class LLMEngine:
             self.tokenizer.chat_template = loader.chat_template_of(args.chat_template)
         # what a server request's unset sampling fields default to (--generation-config)
         self.sampling_defaults = loader.sampling_defaults(src, args.generation_config)
-        try:
-            SamplingParams(**self.sampling_defaults)
-        except ValueError as e:
-            raise ValueError(f"the model's generation_config.json has sampling defaults vidya cannot use ({e}); "
-                             f"pass --generation-config vllm to ignore them") from None
         if self.sampling_defaults:
             self._log(f"sampling defaults from generation_config.json: {self.sampling_defaults} "
                       f"(--generation-config vllm: none)")
@@ -86,9 +81,6 @@ class LLMEngine:
         """Start the other ranks (if any), load, size the KV cache, capture graphs, build the
         scheduler: what __init__ does once the model's config and tokenizer are read."""
         tp = TPGroup()
-        if world > 1 and self.device.type == "cuda" and torch.cuda.device_count() < world:
-            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs (one a rank); "
-                             f"{torch.cuda.device_count()} visible")
         if world > 1:  # ranks 1..N-1 start now and load beside rank 0
             torch.set_num_threads(threads_per_rank(world))
             self.workers = Workers(args, world, self.platform)

@@ -164,6 +164,9 @@ class Workers:
     sent each message with `send`, stopped with `close`."""
 
     def __init__(self, args, world: int, platform: Platform) -> None:
+        if platform.device.type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs (one a rank); "
+                             f"{torch.cuda.device_count()} visible")
         self.world = world
         self.port = free_port()
         ctx = mp.get_context("spawn")

@@ -228,6 +228,18 @@ class QuantLinear(nn.Module):
         self.zeros = frozen(out_features, in_features // group, dtype=torch.uint8)
         self.bias = frozen(out_features, dtype=torch.float32) if bias else None
 
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, qc: QuantConfig, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """A projection of W [N, K] (and its bias), quantized by `quantize`."""
+        n, k = weight.shape
+        lin = cls(k, n, bias is not None, qc)
+        with torch.no_grad():
+            for param, value in zip((lin.qweight, lin.scales, lin.zeros), quantize(weight, qc)):
+                param.copy_(value)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in `dtype`, computed in float32."""
         n, groups = self.scales.shape

@@ -4,8 +4,10 @@ K, qzeros packed along N and stored minus one; AWQ GEMM: int32 packed along N in
 1 3 5 7; compressed-tensors pack-quantized: int32 packed along K, codes offset by 2^(bits-1), zero
 points packed along N), and must give the same greedy tokens as transformers running the same
 model with the dequantized weights in float32: plain, chunked prefill, prefix hits, preemption,
-and tensor parallelism. Online int8 / int4 quantize a 16-bit checkpoint at load by the rule the
-module states. What is not served (FP8, bitsandbytes, act order, W8A8) is refused with one line."""
+and tensor parallelism. compressed-tensors int-quantized W8A8 (int8 weights, activations quantized per
+token at run time) against transformers with the same per-token quantization hooked in front of each
+projection. Online int8 / int4 quantize a 16-bit checkpoint at load by the rule the module states.
+What is not served (FP8, bitsandbytes, act order, static activation scales) is refused with one line."""
 from __future__ import annotations
 
 import copy
@@ -88,6 +90,15 @@ def ct_tensors(codes, zeros, scales, bits, group, sym):
     return out
 
 
+def int_quantized_tensors(codes, zeros, scales, bits, sym):
+    """compressed-tensors int-quantized: the codes as int8 (code - 2^(bits-1)), zero points the same."""
+    half = 1 << (bits - 1)
+    out = {"weight": (codes - half).to(torch.int8), "weight_scale": scales}
+    if not sym:
+        out["weight_zero_point"] = (zeros - half).to(torch.int8)
+    return out
+
+
 def quant_config(fmt: str, bits: int, group: int, sym: bool) -> dict:
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
@@ -96,8 +107,19 @@ def quant_config(fmt: str, bits: int, group: int, sym: bool) -> dict:
         return {"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": True, "version": "gemm"}
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if group > 0 else "channel",
                "group_size": group if group > 0 else None, "actorder": None, "dynamic": False}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
+    acts = None
+    if fmt == "w8a8":  # llm-compressor's W8A8 scheme: int8 weights per channel, int8 tokens, dynamic
+        acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {"quant_method": "compressed-tensors", "format": "int-quantized" if acts else "pack-quantized",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}}
+
+
+def per_token_int8(module, args):
+    """The reference's activation quantization (a forward pre-hook): per row, scale max|x| / 127."""
+    x = args[0].float()
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
+    return ((x / s).round().clamp(-128, 127) * s,)
 
 
 def quantized_checkpoint(model_dir: str, hf, dest, fmt: str, bits: int, group: int, sym: bool):
@@ -118,6 +140,9 @@ def quantized_checkpoint(model_dir: str, hf, dest, fmt: str, bits: int, group: i
             tensors = gptq_tensors(codes, zeros, scales, bits, group)
         elif fmt == "awq":
             tensors = awq_tensors(codes, zeros, scales, bits, group)
+        elif fmt == "w8a8":
+            tensors = int_quantized_tensors(codes, zeros, scales, bits, sym)
+            ref.get_submodule(module).register_forward_pre_hook(per_token_int8)
         else:
             tensors = ct_tensors(codes, zeros, scales, bits, group, sym)
         state.update({f"{module}.{leaf2}": t for leaf2, t in tensors.items()})
@@ -159,6 +184,7 @@ FORMATS = [  # (format, bits, group (-1: per channel), symmetric)
     ("gptq", 4, 16, True), ("gptq", 8, 32, False), ("gptq", 4, -1, False),
     ("awq", 4, 32, False),
     ("compressed-tensors", 4, 16, True), ("compressed-tensors", 4, 32, False), ("compressed-tensors", 8, -1, True),
+    ("w8a8", 8, -1, True), ("w8a8", 8, 32, False),  # compressed-tensors int-quantized
 ]
 
 
@@ -172,7 +198,8 @@ def test_a_quantized_checkpoint_is_token_exact_against_its_dequantized_model(tin
     assert want != [hf_greedy(hf, p) for p in batch]  # (the quantization changed the model)
     path = str(tmp_path / "q")
     plain = make_engine(path)
-    assert plain.quant.method == fmt and plain.quant.describe() in plain.platform.describe()
+    assert plain.quant.method == ("compressed-tensors" if fmt == "w8a8" else fmt)
+    assert plain.quant.describe() in plain.platform.describe() and ("W8A8" in plain.quant.describe()) == (fmt == "w8a8")
     qkv = plain.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.qweight.dtype == torch.uint8 and qkv.qweight.numel() == qkv.in_features * qkv.out_features * bits // 8
     assert greedy_tokens(plain, batch) == want
@@ -247,7 +274,11 @@ def with_quantization_config(model_dir: str, dest, qc: dict) -> str:
       "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}}, "float-quantized"),
     ({"quant_method": "compressed-tensors", "format": "int-quantized",
       "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
-                              "input_activations": {"num_bits": 8, "type": "int"}}}}, "int-quantized"),
+                              "input_activations": {"num_bits": 8, "type": "int", "strategy": "tensor",
+                                                    "dynamic": False}}}}, "other than per token, dynamic"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "channel"},
+                              "input_activations": {"num_bits": 8, "type": "int"}}}}, "pack-quantized with quantized"),
 ])
 def test_an_unserved_quantization_is_refused_at_start_up_in_one_line(tiny_models, tmp_path, qc, named):
     path = with_quantization_config(tiny_models["llama"][0], tmp_path / "m", qc)

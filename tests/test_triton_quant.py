@@ -35,15 +35,22 @@ def test_the_fused_kernel_matches_dequantize_then_matmul(bits, group, bias, m):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_tiny_llama_int4_through_the_triton_ops_equals_the_torch_ops(tiny_models):
+@pytest.mark.parametrize("kind", ["int4", "w8a8"])
+def test_the_tiny_llama_quantized_through_the_triton_ops_equals_the_torch_ops(tiny_models, tmp_path, kind):
+    """Online int4, and a compressed-tensors W8A8 checkpoint (activations quantized per token)."""
     from conftest import make_engine, run_to_completion
+    from test_quantization import quantized_checkpoint
     from vidya import SamplingParams
     from vidya.ops.triton_ops import TritonOps
     params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)
     prompts = [[5, 9, 17, 3], list(range(3, 40))]
+    model, quantization = tiny_models["llama"][0], "int4"
+    if kind == "w8a8":
+        quantized_checkpoint(model, tiny_models["llama"][1], tmp_path / "q", "w8a8", 8, -1, True)
+        model, quantization = str(tmp_path / "q"), None
     outs = []
     for backend in ("torch", "triton"):
-        engine = make_engine(tiny_models["llama"][0], backend=backend, quantization="int4")
+        engine = make_engine(model, backend=backend, quantization=quantization)
         assert isinstance(engine.ops, TritonOps) == (backend == "triton")
         ids = [engine.add_request(None, p, params) for p in prompts]
         done = run_to_completion(engine)

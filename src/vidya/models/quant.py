@@ -26,9 +26,16 @@ Served (`QuantConfig.method`):
                         order 0 2 4 6 1 3 5 7, `scales`), with zero points
     compressed-tensors  `pack-quantized` int weights (W4A16, W8A16), group or channel strategy,
                         symmetric or not (`weight_packed` int32 packed along K with codes offset
-                        by 2^(bits-1), `weight_scale`, `weight_zero_point` packed along N)
-Anything else found in a checkpoint (FP8, bitsandbytes, act order, W8A8, ...) is refused at
-start-up with one line, never loaded as if it were 16-bit.
+                        by 2^(bits-1), `weight_scale`, `weight_zero_point` packed along N);
+                        `int-quantized` W8A8 (`weight` int8, `weight_scale`, `weight_zero_point`
+                        int8) with activations quantized per token, dynamic and symmetric
+Anything else found in a checkpoint (FP8, bitsandbytes, act order, static activation scales, ...)
+is refused at start-up with one line, never loaded as if it were 16-bit.
+
+Activations (W8A8, `act_bits` 8) are quantized per token as the checkpoint was calibrated for
+(`quantize_activations`: scale = max |x| / 127, round to nearest even, clamp to int8) and the
+product is taken with the dequantized weights: the numbers an integer kernel gives, not its speed
+(integer kernels: issue 34 on CPUs; int8 tensor cores on a GPU are not used yet).
 
 The forward multiplies by the weights dequantized to the activation dtype (`dequantize`): the
 reference, on any device. Kernels that fuse the dequantization into the product are other
@@ -64,10 +71,15 @@ class QuantConfig:
     group_size: int  # along K; 0: one group a row (per channel)
     symmetric: bool = True
     zeros_offset: int = 0  # added to a stored zero point (GPTQ v1 stores zero - 1)
+    act_bits: int = 16  # 8: activations quantized per token at run time (W8A8), else not
+
+    def __post_init__(self) -> None:
+        if self.act_bits not in (8, 16):
+            raise ValueError(f"act_bits {self.act_bits}: activations are 16-bit or quantized to 8 bits")
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per channel"
-        return f"{self.method} W{self.bits}A16 {group}{'' if self.symmetric else ' asym'}"
+        return f"{self.method} W{self.bits}A{self.act_bits} {group}{'' if self.symmetric else ' asym'}"
 
     def group_of(self, k: int) -> int:
         """The group size along K for a projection of K inputs. Online, where K is not a multiple
@@ -156,10 +168,9 @@ def _compressed_tensors(q: dict) -> QuantConfig:
     (scheme,) = groups.values()
     fmt = scheme.get("format") or q.get("format")
     weights = scheme.get("weights") or {}
-    if fmt != "pack-quantized" or weights.get("type", "int") != "int":
+    if fmt not in ("pack-quantized", "int-quantized") or weights.get("type", "int") != "int":
         raise _refuse(f"compressed-tensors {fmt} ({weights.get('type')} weights)")
-    if scheme.get("input_activations"):
-        raise _refuse("compressed-tensors with quantized activations (W8A8)")
+    act_bits = _activations(scheme.get("input_activations"), fmt)
     if weights.get("actorder"):
         raise _refuse("compressed-tensors with act order")
     if weights.get("dynamic"):
@@ -173,7 +184,26 @@ def _compressed_tensors(q: dict) -> QuantConfig:
     if strategy not in ("group", "channel"):
         raise _refuse(f"compressed-tensors with the {strategy} strategy")
     group = _group(weights.get("group_size")) if strategy == "group" else 0
-    return QuantConfig("compressed-tensors", _bits(weights, "num_bits"), group, bool(weights.get("symmetric", True)))
+    return QuantConfig("compressed-tensors", _bits(weights, "num_bits"), group, bool(weights.get("symmetric", True)),
+                       act_bits=act_bits)
+
+
+def _activations(act: dict | None, fmt: str) -> int:
+    """compressed-tensors' input_activations: none (W4A16/W8A16, pack-quantized), or 8-bit ints
+    per token, dynamic and symmetric (W8A8, int-quantized), as llm-compressor's W8A8 recipes write."""
+    if not act:
+        if fmt == "int-quantized":
+            raise _refuse("compressed-tensors int-quantized without quantized activations")
+        return 16
+    if fmt != "int-quantized":
+        raise _refuse(f"compressed-tensors {fmt} with quantized activations")
+    scheme = (act.get("num_bits"), act.get("type", "int"), act.get("strategy"), bool(act.get("dynamic")),
+              bool(act.get("symmetric", True)))
+    if scheme != (8, "int", "token", True, True):
+        raise _refuse("compressed-tensors W8A8 with activations quantized other than per token, dynamic and "
+                      f"symmetric ({act.get('strategy')}, dynamic {act.get('dynamic')}, symmetric "
+                      f"{act.get('symmetric', True)})")
+    return 8
 
 
 def online(method: str) -> QuantConfig:
@@ -222,6 +252,7 @@ class QuantLinear(nn.Module):
                              f"of {group}" + (" (its tensor-parallel part; use a tensor-parallel size that cuts "
                                               "it on group boundaries)" if full_in_features else ""))
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, qc.bits, group
+        self.act_bits = qc.act_bits
         frozen = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)  # noqa: E731
         self.qweight = frozen(out_features, in_features * qc.bits // 8, dtype=torch.uint8)
         self.scales = frozen(out_features, in_features // group, dtype=torch.float32)
@@ -248,7 +279,16 @@ class QuantLinear(nn.Module):
         return w.view(n, self.in_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.act_bits} g{self.group_size}"
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as a W8A8 projection's integer product sees it: each row (token) quantized to int8
+    with scale max |x| / 127 (round half to even, as vLLM's dynamic per-token int8 quantization),
+    then multiplied back, in x's dtype; computed in float32."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
+    return ((xf / scale).round().clamp(-128, 127) * scale).to(x.dtype)
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # cut along K under tensor parallelism
@@ -363,7 +403,12 @@ def convert(name: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str,
             return [(f"{module}.zeros", codes.to(torch.uint8).contiguous())]
         if leaf == "scales":
             return [(f"{module}.scales", tensor.t().contiguous())]
-    else:  # compressed-tensors pack-quantized
+    else:  # compressed-tensors: pack-quantized, or int-quantized (int8 tensors)
+        half = 1 << (bits - 1)
+        if leaf == "weight" and tensor.dtype == torch.int8:  # int-quantized: signed codes
+            return [(f"{module}.qweight", pack_codes(tensor.to(torch.int16) + half, bits))]
+        if leaf == "weight_zero_point" and tensor.dtype == torch.int8:  # int-quantized: [N, K / G], signed
+            return [] if qc.symmetric else [(f"{module}.zeros", (tensor.to(torch.int16) + half).to(torch.uint8))]
         if leaf == "weight_packed":  # [N, ceil(K * bits / 32)], codes + 2^(bits-1)
             return [(f"{module}.qweight", pack_codes(unpack_int32(tensor, bits, 1), bits))]
         if leaf == "weight_scale":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from vidya.attention.metadata import AttentionMetadata
 from vidya.attention.paged import paged_attention
 from vidya.platform import TPGroup
-from vidya.models.quant import QuantLinear
+from vidya.models.quant import QuantLinear, quantize_activations
 from vidya.models.rope import apply_rotary
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -49,6 +49,8 @@ class TorchOps:
 
     def linear(self, lin, x: torch.Tensor) -> torch.Tensor:
         if isinstance(lin, QuantLinear):  # the reference: dequantize, then the 16/32-bit product
+            if lin.act_bits == 8:  # W8A8: the activations as the integer product would see them
+                x = quantize_activations(x)
             bias = None if lin.bias is None else lin.bias.to(x.dtype)
             return F.linear(x, lin.dequantize(x.dtype), bias)
         return F.linear(x, lin.weight, lin.bias)

@@ -81,6 +81,59 @@ def tiny_models(tmp_path_factory, smollm2_tokenizer):
     return out
 
 
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(hf, path: str, types: dict | None = None, extra: dict | None = None) -> None:
+    """A transformers Llama written as llama.cpp writes a GGUF (q/k rows in its interleaved rotary
+    order); `types`: GGUF projection name (attn_q, ffn_down, ...) -> a type gguf's own quantizer
+    writes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else float32; `extra`: more tensors (rope_freqs.weight)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    cfg = hf.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, p in hf.state_dict().items():
+        t = p.float().numpy()
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+        gname, kind = top.get(name), None
+        if gname is None:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{GGUF_NAMES[module]}.{leaf}"
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = permute(t, heads if "q_proj" in module else kv_heads)
+            kind = (types or {}).get(GGUF_NAMES[module])
+        t = np.ascontiguousarray(t)
+        if kind is None:
+            w.add_tensor(gname, t)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(gname, quantize(t, qtype), raw_dtype=qtype)
+    for gname, t in (extra or {}).items():
+        w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make_engine(model_dir: str, **kwargs):
     """An engine on a model directory; backend "triton" means the Triton ops (attention and the rest)."""
     from vidya.config import EngineArgs

@@ -69,6 +69,18 @@ def test_gemma3_270m_is_token_exact_against_transformers(reference):
     assert "france" in tok.decode(want[0]).lower()  # the weights are the real model's: it stays on topic
 
 
+def test_gemma3_270m_kept_quantized_is_token_exact_against_transformers(reference):
+    """Issue 32, item 8: its Q4_K, Q6_K, Q5_0 and Q8_0 projections kept as stored (a GPU's default,
+    --quantization gguf here) give the tokens transformers gives from the same file dequantized."""
+    llm = LLM("gemma3-270m", quantization="gguf", dtype="float32", show_progress=False, max_model_len=256,
+              kv_cache_memory=0.5)
+    assert llm.engine.quant.describe() == "gguf Q4_K+Q5_0+Q6_K+Q8_0 W4/8A16"
+    tok = llm.engine.tokenizer
+    prompts = [tok(t).input_ids for t in ("The capital of France is", "प्रकाश संश्लेषण")]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, min_tokens=NEW), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(reference, p) for p in prompts]
+
+
 def test_gemma3_270m_tokenizer_spends_few_tokens_on_hindi():
     from vidya.models import loader
     tok = loader.load_tokenizer(loader.resolve("gemma3-270m"))

@@ -221,54 +221,18 @@ def test_a_llama_31_gguf_keeps_its_rope_scaling(tiny_models, tmp_path):
     tensor (a divisor per frequency), not as config; ignoring it served other positions. The tiny
     Llama (llama3 scaling, factor 8) written as such a GGUF must give transformers' tokens for the
     original checkpoint."""
-    import gguf
-    import numpy as np
     import torch
+    from conftest import write_gguf
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     model_dir, hf = tiny_models["llama"]
     cfg = hf.config
-    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    d = cfg.hidden_size // cfg.num_attention_heads
     base = torch.tensor(1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d)))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     factors = (base / scaled).float().numpy()
     assert factors.max() > 7.9 and factors.min() == 1.0  # the scaling does something here
-
-    def permute(w, n):  # llama.cpp's q/k row order (the rotary halves interleaved)
-        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     path = str(tmp_path / "tiny-llama31.gguf")
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    for name, p in hf.state_dict().items():
-        t = p.float().numpy()
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            module, leaf = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{names[module]}.{leaf}"
-            if module in ("self_attn.q_proj", "self_attn.k_proj"):
-                t = permute(t, heads if "q_proj" in module else kv_heads)
-        w.add_tensor(gname, np.ascontiguousarray(t))
-    w.add_tensor("rope_freqs.weight", factors)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(hf, path, extra={"rope_freqs.weight": factors})
 
     from vidya import LLM
     llm = LLM(path, tokenizer=model_dir, dtype="float32", max_model_len=256, kv_cache_memory=0.05,

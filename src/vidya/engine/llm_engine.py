@@ -26,7 +26,7 @@ from vidya.ops import make_ops
 from vidya.engine.prefix_waves import prefix_waves
 from vidya.engine.tensor_parallel import (Cache, Load, Profile, Workers, init_group, refuse_in_a_starting_rank,
                                           shard_config, threads_per_rank)
-from vidya.platform import Platform, TPGroup, resolve_platform
+from vidya.platform import Platform, TPGroup, resolve_device, resolve_platform
 from vidya.sampling_params import SamplingParams
 
 
@@ -35,7 +35,7 @@ def engine_platform(args: EngineArgs) -> Platform:
     caller that starts the engine (`vidya serve` before its port opens, else LLMEngine). A
     quantization the checkpoint has, or --quantization, is read here too (an unserved one fails
     here, before anything loads)."""
-    qc = loader.load_quant(loader.resolve(args.model), args.quantization)
+    qc = loader.load_quant(loader.resolve(args.model), args.quantization, resolve_device(args.device).type == "cuda")
     return resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
                             tensor_parallel=args.tensor_parallel_size > 1,
                             quantization=qc.describe() if qc else None)
@@ -54,7 +54,7 @@ class LLMEngine:
         self.platform = platform or engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
-        self.quant = loader.load_quant(src, args.quantization)
+        self.quant = loader.load_quant(src, args.quantization, self.device.type == "cuda")
         self.model_config = loader.load_config(src)
         shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)

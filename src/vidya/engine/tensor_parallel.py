@@ -263,7 +263,7 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
     tp = init_group(rank, world, port, platform)
     src = loader.resolve(args.model)
     shard = shard_config(loader.load_config(src), world)
-    qc = loader.load_quant(src, args.quantization)
+    qc = loader.load_quant(src, args.quantization, platform.device.type == "cuda")
     ops = make_ops(platform)
     ops.tp = tp
     model = runner = None

@@ -1,5 +1,7 @@
 """Reading a GGUF file: metadata -> a transformers config, and tensors -> Hugging Face names,
-dequantized. The tokenizer and chat template are read by transformers from the same file."""
+dequantized, or (a GPU's default, `--quantization gguf`) with the decoder's projections kept
+quantized in the engine's layout (models/gguf_blocks.py). The tokenizer and chat template are read
+by transformers from the same file."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from vidya.models import gguf_blocks, quant
 
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
           "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
@@ -187,19 +191,72 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     return None
 
 
-def weights(path: str, config):
-    """(hf_name, float32 tensor) for every tensor the model uses."""
+def _projections(path: str) -> dict[str, list[Tensor]]:
+    """Our decoder projection (e.g. model.layers.0.self_attn.qkv_proj) -> the file's tensors in it."""
+    arch = architecture(path)
+    out: dict[str, list[Tensor]] = {}
+    for t in reader(path).tensors:
+        name = hf_name(t.name, arch)
+        module = (name or "").rpartition(".")[0]
+        if name and name.endswith(".weight") and module.rpartition(".")[2] in quant.CHECKPOINT_PROJECTIONS:
+            out.setdefault(quant.fused_name(module), []).append(t)
+    return out
+
+
+def quant_config(path: str) -> tuple[quant.QuantConfig | None, str]:
+    """The file's projections kept quantized: a QuantConfig whose layouts give each projection the
+    widest bits and the smallest group of its tensors' types (gguf_blocks.LAYOUTS); or None and the
+    reason, where a projection holds a type not read that way (16/32-bit, Q2_K, IQ...)."""
+    layouts, types = [], set()
+    for module, tensors in _projections(path).items():
+        names = [t.tensor_type.name for t in tensors]
+        unserved = [n for n in names if not gguf_blocks.served(n)]
+        if unserved:
+            return None, f"{unserved[0]} tensors ({tensors[names.index(unserved[0])].name})"
+        types.update(names)
+        layouts.append((module, max(gguf_blocks.LAYOUTS[n][2] for n in names),
+                        min(gguf_blocks.LAYOUTS[n][3] for n in names)))
+    if not layouts:
+        return None, "no quantized decoder projections"
+    return quant.QuantConfig(quant.GGUF, max(b for _, b, _ in layouts), min(g for _, _, g in layouts), False,
+                             layouts=tuple(layouts), types="+".join(sorted(types))), ""
+
+
+def weights(path: str, config, keep_quantized: bool = False):
+    """(hf_name, float32 tensor) for every tensor the model uses; `keep_quantized` (quant_config
+    says the file can): a decoder projection as its codes, scales and zeros instead
+    (quant.convert takes them into the layout), the scales and zeros at quant.GGUF_UNIT."""
     from gguf.quants import dequantize
     arch = architecture(path)
     permute = arch in ("llama", "mistral")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for t in reader(path).tensors:
         name = hf_name(t.name, arch)
         if name is None:
             continue
+        unpermute = permute and name.endswith(("q_proj.weight", "k_proj.weight"))
+        # heads from the tensor's rows: `config` may be a tensor-parallel rank's (fewer heads),
+        # the file's tensor is always the whole projection
+        heads = t.data.shape[0] // head_dim
+        module = name.rpartition(".")[0]
+        if keep_quantized and name.endswith(".weight") and module.rpartition(".")[2] in quant.CHECKPOINT_PROJECTIONS:
+            codes, scales, zeros = gguf_blocks.decode(t.tensor_type.name, t.data, _columns(t))
+            unit = codes.shape[1] // scales.shape[1] // quant.GGUF_UNIT
+            parts = [torch.from_numpy(codes), torch.from_numpy(scales).repeat_interleave(unit, 1),
+                     torch.from_numpy(zeros).repeat_interleave(unit, 1)]
+            for leaf, part in zip(("codes", "scales", "zeros"), parts):
+                yield f"{module}.{leaf}", _unpermute(part, heads) if unpermute else part
+            continue
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp stores Gemma's 1 + w; the checkpoint convention is w
-        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+        if unpermute:
             w = _unpermute(w, heads)
         yield name, w
+
+
+def _columns(t: Tensor) -> int:
+    """K of a quantized 2-D tensor (its data holds each row's blocks as bytes)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[t.tensor_type]
+    return t.data.shape[-1] // size * block

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidya.models import gguf_file, hub, quant
+from vidya.models import gguf_blocks, gguf_file, hub, quant
 from vidya.models.quant import QuantConfig, QuantLinear
 from vidya.sampling_params import SamplingParams
 from vidya.engine.tensor_parallel import shard_of
@@ -111,10 +111,20 @@ def resolve(model: str) -> ModelSource:
         raise ModelLoadError(str(e)) from None
 
 
-def load_quant(src: ModelSource, asked: str | None = None) -> QuantConfig | None:
+def load_quant(src: ModelSource, asked: str | None = None, on_gpu: bool = False) -> QuantConfig | None:
     """The quantization the weights are served in: the checkpoint's own (its config.json's
     quantization_config, read as what it is, or refused at once when it is not served), or an
-    online one asked for with --quantization; None for 16/32-bit weights."""
+    online one asked for with --quantization; None for 16/32-bit weights. A GGUF file's projections
+    stay quantized on a GPU (`on_gpu`) or with --quantization gguf, where every one is of a type
+    read that way (gguf_file.quant_config); on a CPU its 16-bit copy runs on the C++ kernels, faster
+    than the reference dequantizing every step."""
+    if src.is_gguf and asked in (None, quant.GGUF):
+        qc, why = gguf_file.quant_config(src.path)
+        if qc is None and asked == quant.GGUF:
+            raise ModelLoadError(f"{src.name}: --quantization gguf: the file's projections hold {why}, not kept "
+                                 f"quantized (served: {', '.join(gguf_blocks.LAYOUTS)}); leave --quantization out "
+                                 f"to serve it dequantized")
+        return qc if (asked == quant.GGUF or on_gpu) else None
     try:
         return quant.resolve(None if src.is_gguf else src.directory, asked)
     except quant.QuantError as e:
@@ -284,6 +294,8 @@ def load_model(src: ModelSource, config, dtype: torch.dtype, device: torch.devic
     for m in model.modules():  # a quantized layout's scales stay float32 (fp16 ones would lose bits in bf16)
         if isinstance(m, QuantLinear):
             m.scales.data = m.scales.data.float()
+            if m.zeros.is_floating_point():  # (GGUF's fractional zero points)
+                m.zeros.data = m.zeros.data.float()
     model = model.to_empty(device=device)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -338,7 +350,8 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
     slices = model.checkpoint_slices()
     offsets = model.norm_offsets()
     loaded: set[str] = set()
-    weights = gguf_file.weights(src.path, config) if src.is_gguf else _safetensors_weights(src)
+    keep = qc is not None and qc.method == quant.GGUF
+    weights = gguf_file.weights(src.path, config, keep) if src.is_gguf else _safetensors_weights(src)
     if progress and sys.stderr.isatty():  # (in a log file a bar's carriage returns run into the next line)
         from tqdm import tqdm
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)

@@ -6,7 +6,8 @@ The layout (`QuantLinear`), for a projection y = x W^T + b with W [N, K] (N outp
     qweight  uint8 [N, K * bits / 8]   codes, unsigned; 4 bits: two a byte, even k in the low nibble
     scales   [N, K / G]                float32 (a checkpoint's fp16 scales kept exactly); G is the
                                        group size along K (K: one group a row, "per channel")
-    zeros    uint8 [N, K / G]          the code of 0.0 (2^(bits-1) for a symmetric format)
+    zeros    uint8 [N, K / G]          the code of 0.0 (2^(bits-1) for a symmetric format);
+                                       float32 for GGUF, whose offsets are not whole codes
 
     W[n, k] = (code[n, k] - zeros[n, k // G]) * scales[n, k // G]
 
@@ -29,6 +30,10 @@ Served (`QuantConfig.method`):
                         by 2^(bits-1), `weight_scale`, `weight_zero_point` packed along N);
                         `int-quantized` W8A8 (`weight` int8, `weight_scale`, `weight_zero_point`
                         int8) with activations quantized per token, dynamic and symmetric
+    gguf                a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K projections kept as
+                        they are stored (models/gguf_blocks.py: what maps how, what is lost);
+                        each projection has its own bits and group (`layouts`), the widest of
+                        its parts where it fuses two or three tensors of different types
 Anything else found in a checkpoint (FP8, bitsandbytes, act order, static activation scales, ...)
 is refused at start-up with one line, never loaded as if it were 16-bit.
 
@@ -43,6 +48,7 @@ implementations of the same op.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -52,7 +58,8 @@ from torch import nn
 
 ONLINE = ("int8", "int4")
 CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors")
-METHODS = ONLINE + CHECKPOINT_METHODS
+GGUF = "gguf"
+METHODS = ONLINE + CHECKPOINT_METHODS + (GGUF,)
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # ours (quantized)
 CHECKPOINT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # which column of eight each nibble of an AWQ int32 holds
@@ -72,12 +79,27 @@ class QuantConfig:
     symmetric: bool = True
     zeros_offset: int = 0  # added to a stored zero point (GPTQ v1 stores zero - 1)
     act_bits: int = 16  # 8: activations quantized per token at run time (W8A8), else not
+    # gguf: (our projection's name, bits, group) for each, and the file's types, e.g. "Q4_K+Q6_K"
+    layouts: tuple[tuple[str, int, int], ...] = ()
+    types: str = ""
 
     def __post_init__(self) -> None:
         if self.act_bits not in (8, 16):
             raise ValueError(f"act_bits {self.act_bits}: activations are 16-bit or quantized to 8 bits")
 
+    def for_module(self, name: str) -> "QuantConfig":
+        """The layout of the projection `name` (ours, e.g. model.layers.0.self_attn.qkv_proj):
+        the model's, or for a GGUF that projection's own bits and group."""
+        if not self.layouts:
+            return self
+        for module, bits, group in self.layouts:
+            if module == name:
+                return dataclasses.replace(self, bits=bits, group_size=group, layouts=())
+        raise QuantError(f"{name}: the GGUF file has no quantized tensors for this projection")
+
     def describe(self) -> str:
+        if self.method == GGUF:  # e.g. "gguf Q4_K+Q6_K W4/8A16": each projection has its own bits
+            return f"gguf {self.types} W{'/'.join(str(b) for b in sorted({b for _, b, _ in self.layouts}))}A16"
         group = f"g{self.group_size}" if self.group_size else "per channel"
         return f"{self.method} W{self.bits}A{self.act_bits} {group}{'' if self.symmetric else ' asym'}"
 
@@ -215,6 +237,9 @@ def online(method: str) -> QuantConfig:
 def resolve(model_dir: str | None, asked: str | None) -> QuantConfig | None:
     """What the engine serves: the checkpoint's own quantization, or `asked` (--quantization:
     an online method for a 16-bit checkpoint, or the checkpoint's method named)."""
+    if asked == GGUF:
+        raise QuantError("--quantization gguf: the model is not a GGUF file; pass a .gguf file (or leave "
+                         "--quantization out)")
     raw = {}
     if model_dir is not None:
         try:
@@ -256,7 +281,7 @@ class QuantLinear(nn.Module):
         frozen = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)  # noqa: E731
         self.qweight = frozen(out_features, in_features * qc.bits // 8, dtype=torch.uint8)
         self.scales = frozen(out_features, in_features // group, dtype=torch.float32)
-        self.zeros = frozen(out_features, in_features // group, dtype=torch.uint8)
+        self.zeros = frozen(out_features, in_features // group, dtype=torch.float32 if qc.method == GGUF else torch.uint8)
         self.bias = frozen(out_features, dtype=torch.float32) if bias else None
 
     @classmethod
@@ -304,7 +329,8 @@ def quantize_linears(model: nn.Module, qc: QuantConfig, world: int = 1) -> None:
             # a row-parallel rank's groups are the whole projection's; per channel, each rank's
             # part of a row shares the row's one scale (the same scales on every rank)
             full = m.in_features * world if leaf in ROW_PARALLEL and qc.group_size else None
-            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qc, full).to(m.weight.device)
+            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qc.for_module(name),
+                            full).to(m.weight.device)
             setattr(parent, leaf, q)
 
 
@@ -376,6 +402,8 @@ def convert(name: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str,
     module, _, leaf = name.rpartition(".")
     if module.rpartition(".")[2] not in CHECKPOINT_PROJECTIONS or leaf == "bias":
         return [(name, tensor)]
+    if qc.method == GGUF:
+        return _gguf(module, leaf, tensor, qc)
     bits = qc.bits
     if qc.method in ONLINE:
         if leaf != "weight":
@@ -425,3 +453,26 @@ def convert(name: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str,
     raise QuantError(f"{name}: a tensor a {qc.method} checkpoint does not have; the checkpoint does not "
                      f"match its quantization_config")
 
+
+
+GGUF_UNIT = 16  # the finest group of a served GGUF type (Q6_K): decoded scales come at this group
+
+
+def fused_name(module: str) -> str:
+    """A checkpoint projection's module -> ours (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    from vidya.models.llama import PACKED
+    owner, _, proj = module.rpartition(".")
+    return f"{owner}.{PACKED[proj][0]}" if proj in PACKED else module
+
+
+def _gguf(module: str, leaf: str, tensor: torch.Tensor, qc: QuantConfig) -> list[tuple[str, torch.Tensor]]:
+    """A decoded GGUF projection (gguf_file.weights: codes uint8 [N, K]; scales and zeros float32
+    [N, K / GGUF_UNIT], each group's value repeated over its type's group) -> the layout of the
+    projection it fuses into (the widest of its parts): codes packed at its bits, one scale and
+    zero a group of its size."""
+    target = qc.for_module(fused_name(module))
+    if leaf == "codes":
+        return [(f"{module}.qweight", pack_codes(tensor, target.bits))]
+    if leaf in ("scales", "zeros"):
+        return [(f"{module}.{leaf}", tensor[:, ::target.group_size // GGUF_UNIT].contiguous())]
+    raise QuantError(f"{module}.{leaf}: not a tensor of a GGUF projection")

@@ -105,3 +105,16 @@ def test_gguf_quantization_errors_say_what_to_do(tiny_models, tmp_path):
     with pytest.raises(ModelLoadError, match="F32 tensors .* leave --quantization out") as e:
         make_engine(path, tokenizer=tiny_models["llama"][0], quantization="gguf")
     assert "\n" not in str(e.value)
+
+
+def test_a_gpu_keeps_a_gguf_quantized_unless_told_none(tiny_gguf):
+    """Where the engine decides (loader.load_quant, given the platform's device): on a GPU a GGUF's
+    projections stay quantized by default, --quantization none dequantizes; on a CPU the 16-bit copy
+    unless --quantization gguf."""
+    from vidya.models import loader
+    src = loader.resolve(tiny_gguf[0])
+    assert loader.load_quant(src, None, on_gpu=True).method == "gguf"
+    assert loader.load_quant(src, "none", on_gpu=True) is None
+    assert loader.load_quant(src, None, on_gpu=False) is None
+    assert loader.load_quant(src, "gguf", on_gpu=False).method == "gguf"
+    assert loader.load_quant(src, "int8", on_gpu=True).method == "int8"  # online, from the dequantized file

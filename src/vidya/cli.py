@@ -27,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, type=quantization_method,
                    help="the weights' quantization: by default the checkpoint's own (gptq, awq, "
                         "compressed-tensors; read from its quantization_config); int8 (per channel) or int4 "
-                        "(groups of 128) quantize a 16-bit checkpoint at load; none: 16/32-bit")
+                        "(groups of 128) quantize a 16-bit checkpoint at load; gguf: a GGUF's projections kept "
+                        "quantized (a GPU's default for a GGUF); none: 16/32-bit")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file (or the template text) in place of the model's")
     p.add_argument("--generation-config", default="auto",
@@ -131,7 +132,7 @@ def quantization_method(value: str) -> str | None:
     if value not in ("none", *METHODS):
         raise argparse.ArgumentTypeError(f"{value!r} is not served: use none, {', '.join(METHODS)} (FP8, bitsandbytes "
                                          f"and others are not implemented)")
-    return None if value == "none" else value
+    return value  # ("none" too: a GGUF dequantized where its default would keep it quantized)
 
 
 def only(value: str, why: str):

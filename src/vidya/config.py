@@ -62,7 +62,8 @@ class EngineArgs:
     # model's generation_config.json, "vllm" vLLM's (OpenAI's) defaults, else a folder holding one
     generation_config: str = "auto"
     # vLLM's --quantization: None reads the checkpoint's quantization_config; "int8"/"int4"
-    # quantize a 16-bit checkpoint at load; "gptq"/"awq"/"compressed-tensors" name the checkpoint's
+    # quantize a 16-bit checkpoint at load; "gptq"/"awq"/"compressed-tensors" name the checkpoint's;
+    # "gguf" keeps a GGUF's projections quantized (a GPU's default for a GGUF; "none" dequantizes it)
     quantization: str | None = None
     dtype: str = "auto"
     device: str = "auto"

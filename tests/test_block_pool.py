@@ -108,3 +108,48 @@ def test_duplicate_identical_prompts_in_one_step_keep_one_key():
     kv.free(b)
     kv.check()
     assert kv.pool.num_free_blocks == 8
+
+
+def test_a_sliding_group_gives_back_what_no_window_sees_and_keeps_it_findable():
+    """Hybrid cache (issue 33): group 0 full attention, group 1 a window of 6 tokens, blocks of 4.
+    Computing from position 12 on, the window starts at 7: block 0 (positions 0-3) goes back to the
+    pool while the request runs, keyed, and block 1 (4-7) stays."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, windows=(None, 6))
+    a = req("a", list(range(12)))
+    admit(kv, a)
+    assert [len(t) for t in kv.group_block_ids("a")] == [3, 3]
+    a.append_output_token(50)
+    assert kv.allocate_slots(a, 1)  # position 12: its window is 7..12
+    full, sliding = kv.req_blocks["a"]
+    assert all(b is not None for b in full) and sliding[0] is None and sliding[1] is not None
+    assert kv.group_block_ids("a")[1][0] == 0  # (the null block for the kernels, never read unmasked)
+    kv.check()
+    kv.check_request(a, 13)
+    # the freed block is still cached under group 1's key (not group 0's): a later prompt finds it
+    chain = hash_block_tokens(None, [0, 1, 2, 3])
+    assert kv.pool.cached[chain + bytes([1])].ref_cnt == 0 and kv.pool.cached[chain].ref_cnt == 1
+
+
+def test_a_hybrid_prefix_hit_must_hit_in_every_group():
+    """The longest hit h is one where the full group holds every block before h and the sliding
+    group the blocks its window sees from h; sliding blocks further back are not needed (None)."""
+    kv = KVCacheManager(num_blocks=32, block_size=4, windows=(None, 6))
+    a = req("a", list(range(20)))
+    admit(kv, a)
+    b = req("b", list(range(20)) + [99])
+    hits, num_hit = kv.get_computed_blocks(b)
+    assert num_hit == 20 and [b is None for b in hits[1]] == [True, True, True, False, False]
+    # evict group 1's key of block 3 (positions 12-15, in the window of a hit at 20): the hit
+    # falls back to 12, whose window (7..12) the sliding group still holds
+    kv.free(a)
+    k3 = hash_block_tokens(hash_block_tokens(hash_block_tokens(hash_block_tokens(
+        None, [0, 1, 2, 3]), [4, 5, 6, 7]), [8, 9, 10, 11]), [12, 13, 14, 15]) + bytes([1])
+    victim = kv.pool.cached[k3]
+    kv.pool.free_queue.remove(victim)
+    kv.pool._evict(victim)
+    kv.pool.free_queue.appendleft(victim)
+    kv.check()
+    hits, num_hit = kv.get_computed_blocks(b)
+    assert num_hit == 12 and [x is None for x in hits[1]] == [True, False, False]
+    assert kv.allocate_slots(b, b.num_tokens - num_hit, hits)
+    kv.check()

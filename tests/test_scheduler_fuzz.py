@@ -1,5 +1,8 @@
 """The scheduler is pure logic: drive it with random add / step / abort and a fake model, and
-check every invariant after every step. Nothing is ever dropped or deadlocked."""
+check every invariant after every step. Nothing is ever dropped or deadlocked. The KV cache is
+drawn uniform or hybrid (a full-attention group beside sliding-window groups of drawn windows, or
+sliding only): no block freed that a window still sees, none kept that no window sees, counts
+conserved (KVCacheManager.check / check_request, after every step)."""
 from __future__ import annotations
 
 import random
@@ -61,14 +64,18 @@ class FakeEngine:
         return self.sched.has_unfinished or self.ahead is not None
 
 
-@settings(max_examples=120, deadline=None)
+windows = st.one_of(st.just((None,)), st.integers(1, 12).map(lambda w: (None, w, w)),
+                    st.integers(1, 12).map(lambda w: (w,)), st.tuples(st.just(None), st.integers(1, 12)))
+
+
+@settings(max_examples=160, deadline=None)
 @given(ops=ops, block_size=st.integers(1, 5), num_blocks=st.integers(8, 40),
        budget=st.integers(1, 16), max_seqs=st.integers(1, 6), caching=st.booleans(), ahead=st.booleans(),
-       threshold=st.integers(0, 6))
+       threshold=st.integers(0, 6), windows=windows)
 def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, budget, max_seqs, caching, ahead,
-                                                threshold):
+                                                threshold, windows):
     rng = random.Random(0)
-    kv = KVCacheManager(num_blocks, block_size, caching)
+    kv = KVCacheManager(num_blocks, block_size, caching, windows)
     sched = Scheduler(SchedulerConfig(max_seqs, budget, 64, threshold), kv)
     engine = FakeEngine(sched, ahead)
     added = []
@@ -83,7 +90,7 @@ def test_random_add_step_abort_keeps_invariants(ops, block_size, num_blocks, bud
             try:
                 sched.add_request(r)
             except ValueError:
-                assert plen + max_tokens > min(64, num_blocks * block_size)
+                assert plen + max_tokens > 64 or kv.max_blocks(plen + max_tokens, budget) > num_blocks
                 continue
             added.append(r)
         elif op[0] == "step":
@@ -205,7 +212,8 @@ def test_planning_ahead_holds_back_only_for_a_request_that_then_joins():
     for seed in range(1000):
         rng = random.Random(seed)
         bs = rng.randint(1, 4)
-        kv = KVCacheManager(rng.randint(6, 24), bs, True)
+        w = rng.randint(1, 10)
+        kv = KVCacheManager(rng.randint(6, 24), bs, True, rng.choice([(None,), (None,), (None, w), (None, w, w)]))
         sched = Scheduler(SchedulerConfig(rng.randint(2, 6), rng.randint(4, 24), 64, rng.choice([0, 0, 2, 5])), kv)
         engine = FakeEngine(sched, ahead=True)
         prefixes = [[rng.randrange(3, 20) for _ in range(3 * bs)] for _ in range(2)]

@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights and KV cache (GPU only)")
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching", action="store_true")
+    p.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="sliding-window layers (Gemma 3) keep every token as the full-attention ones do, "
+                        "instead of only the blocks their window sees (vLLM's flag)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "cpu", "amx", "avx512_bf16", "avx512", "avx2"],
@@ -81,6 +84,7 @@ def engine_args(args, show_progress: bool = True):
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                      hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager,
                       backend=args.backend, device=args.device, attention_backend=args.attention_backend,
                       load_format=args.load_format, enforce_eager=args.enforce_eager,
                       async_scheduling=args.async_scheduling,

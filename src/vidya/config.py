@@ -20,6 +20,9 @@ class CacheConfig:
     kv_cache_memory: float | None = None  # GiB, CPU; None = 4 GiB
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    # sliding-window layers keep only the blocks their window sees (engine/kv_layout.py); False:
+    # every layer keeps every token (vLLM's --disable-hybrid-kv-cache-manager)
+    hybrid_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -77,6 +80,7 @@ class EngineArgs:
     kv_cache_memory: float | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    hybrid_kv_cache: bool = True  # False: --disable-hybrid-kv-cache-manager (CacheConfig)
     seed: int = 0
     num_threads: int | None = None
     show_progress: bool = True
@@ -119,6 +123,7 @@ class EngineArgs:
             kv_cache_memory=self.kv_cache_memory,
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
+            hybrid_kv_cache=self.hybrid_kv_cache,
         )
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:

@@ -13,9 +13,15 @@ bucket ends in padding sequences: one row each, slot -1 (nothing written), seq_l
 output nobody reads. Per row, `row_seq` names the row of
 `block_tables` and `row_ctx` how many cached tokens it attends to (its position + 1), so decode
 and prefill rows are one kind of work for a kernel; the reference walks the sequences instead.
+
+A hybrid KV cache (engine/kv_layout.py) gives each group of layers its own block tables and slot
+mapping: `by_layer[i]` is layer i's metadata, one object per group sharing every other field, so a
+backend's `derived` views are built once a group; a uniform cache has `by_layer` None and every
+layer reads this one (`for_layer`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +41,21 @@ class AttentionMetadata:
     static_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # a backend's own view of this layout, built by the step's first layer, reused by the rest
     derived: dict = field(default_factory=dict)
+    by_layer: list["AttentionMetadata"] | None = None  # a hybrid cache's per-layer (per-group) metadata
+
+    def for_layer(self, i: int) -> "AttentionMetadata":
+        return self if self.by_layer is None else self.by_layer[i]
+
+    def map_tensors(self, fn) -> "AttentionMetadata":
+        """A copy with `fn` applied to every tensor field (to another device), the groups' too."""
+        def one(m: "AttentionMetadata") -> "AttentionMetadata":
+            return dataclasses.replace(m, by_layer=None, derived={}, **{
+                f.name: fn(getattr(m, f.name)) for f in dataclasses.fields(m) if isinstance(getattr(m, f.name), torch.Tensor)})
+        out = one(self)
+        if self.by_layer is not None:
+            groups = {id(m): one(m) for m in self.by_layer}
+            out.by_layer = [groups[id(m)] for m in self.by_layer]
+        return out
 
     @classmethod
     def for_sequences(cls, q_lens: list[int], ctx_lens: list[int], tables: list[list[int]], block_size: int,

@@ -38,13 +38,17 @@ class DecodeGraphs:
     """One captured forward per bucket, all reading the same static inputs."""
 
     def __init__(self, model, ops, kv_caches, buckets: list[int], max_blocks_per_seq: int,
-                 device: torch.device) -> None:
+                 device: torch.device, layout=None) -> None:
+        """`layout` (engine/kv_layout.py): a hybrid cache's groups each get static slots and tables."""
         n = buckets[-1]
+        self.layout = layout
+        groups = len(layout.windows) if layout is not None else 1
         longs = lambda *shape: torch.zeros(shape, dtype=torch.long, device=device)
         self.input_ids, self.positions = longs(n), longs(n)
-        self.slot_mapping = longs(n) - 1  # until a step copies its slots in: write nothing
+        # until a step copies its slots in: write nothing
+        self.slot_mappings = [longs(n) - 1 for _ in range(groups)]
         self.seq_lens = longs(n) + 1
-        self.block_tables = longs(n, max_blocks_per_seq)
+        self.block_tables = [longs(n, max_blocks_per_seq) for _ in range(groups)]
         self.row_seq = torch.arange(n, device=device)
         self.row_ctx = longs(n) + 1
         ints = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -74,17 +78,23 @@ class DecodeGraphs:
 
     def _meta(self, b: int) -> AttentionMetadata:
         starts, tile_seq, tile_q0 = self.tiles
-        return AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.row_seq[:b], self.row_ctx[:b],
-                                 self.seq_lens[:b], list(range(b + 1)), b,
-                                 static_tiles=(starts[:b + 1], tile_seq[:b], tile_q0[:b]))
+        metas = [AttentionMetadata(slots[:b], tables[:b], self.row_seq[:b], self.row_ctx[:b], self.seq_lens[:b],
+                                   list(range(b + 1)), b, static_tiles=(starts[:b + 1], tile_seq[:b], tile_q0[:b]))
+                 for slots, tables in zip(self.slot_mappings, self.block_tables)]
+        if self.layout is not None and self.layout.is_hybrid:
+            metas[0].by_layer = [metas[g] for g in self.layout.layer_group]
+        return metas[0]
 
     def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The hidden rows of a padded decode batch (its size one of the buckets)."""
         b = input_ids.shape[0]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
         self.seq_lens[:b].copy_(meta.seq_lens)
-        self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        groups = [meta] if meta.by_layer is None else [  # each group's metadata: its first layer's
+            meta.by_layer[self.layout.layer_group.index(g)] for g in range(len(self.slot_mappings))]
+        for m, slots, tables in zip(groups, self.slot_mappings, self.block_tables):
+            slots[:b].copy_(m.slot_mapping)
+            tables[:b, :m.block_tables.shape[1]].copy_(m.block_tables)
         self.graphs[b].replay()
         return self.outputs[b]

@@ -13,7 +13,7 @@ from vidya.config import EngineArgs
 from vidya.engine.detokenizer import IncrementalDetokenizer, decoder_of
 from vidya.engine.kv_cache_manager import KVCacheManager
 from vidya.engine.cuda_graphs import decode_buckets
-from vidya.engine.model_runner import ModelRunner, num_kv_blocks, profile_forward
+from vidya.engine.model_runner import ModelRunner, model_layout, num_kv_blocks, profile_forward
 from vidya.engine.output_processor import RequestState, SampleState, update_sample
 from vidya.engine.request import Request, RequestStatus
 from vidya.engine.sampler import Sampler, SamplerOutput
@@ -97,7 +97,11 @@ class LLMEngine:
         self.num_parameters = sum(p.numel() for p in model.parameters()) * world
         cache = args.cache_config()
         sched_config = args.scheduler_config(self.max_model_len)
-        max_useful = sched_config.max_num_seqs * -(-self.max_model_len // cache.block_size)
+        layout = model_layout(model, cache.hybrid_kv_cache)
+        # every sequence at max_model_len at once, each group holding what it keeps of one
+        per_seq = KVCacheManager(1, cache.block_size, windows=layout.windows).max_blocks(
+            self.max_model_len, sched_config.max_num_batched_tokens)
+        max_useful = sched_config.max_num_seqs * per_seq
         self.ops = make_ops(self.platform)
         self.ops.tp = tp
         activations = 0
@@ -112,10 +116,11 @@ class LLMEngine:
             self._log(f"profiling forward of {sched_config.max_num_batched_tokens} tokens: "
                       f"peak activations {activations / 2**30:.2f} GiB")
         self.profiled_activation_bytes = activations
-        num_blocks = num_kv_blocks(cache, shard, self.platform.kv_dtype, self.device, max_useful, activations)
+        num_blocks = num_kv_blocks(cache, shard, self.platform.kv_dtype, self.device, max_useful, activations,
+                                   layout.slots)
         if self.workers is not None:
             self.workers.send(Cache(num_blocks, cache))
-        self.runner = ModelRunner(model, shard, cache, num_blocks, self.platform, self.ops)
+        self.runner = ModelRunner(model, shard, cache, num_blocks, self.platform, self.ops, layout)
         if self.workers is not None:
             self.workers.wait("allocating the KV cache")
         self.runner.workers = self.workers
@@ -124,7 +129,8 @@ class LLMEngine:
             buckets = decode_buckets(sched_config.max_num_seqs)
             seconds = self.runner.capture_decode_graphs(buckets, -(-self.max_model_len // cache.block_size))
             self._log(f"captured {len(buckets)} CUDA graphs for decode batches of up to {buckets[-1]} in {seconds:.1f} s")
-        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, layout.windows)
+        self.kv_layout = layout
         self.scheduler = Scheduler(sched_config, self.kv)
         self.sampler = Sampler(args.seed, self.ops.first_max)
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -143,7 +149,15 @@ class LLMEngine:
         self._ahead = None  # (its SchedulerOutput, what runner.execute returned for it)
         self._ids = itertools.count()
         self._log(f"engine loaded in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
-                  f"{cache.block_size} tokens, max_model_len {self.max_model_len}")
+                  f"{cache.block_size} tokens, max_model_len {self.max_model_len}; KV cache {layout.describe()}, "
+                  f"room for {self.kv_token_room()} tokens")
+
+    def kv_token_room(self) -> int:
+        """Tokens of context the KV cache holds for sequences of max_model_len (a uniform cache:
+        every block's tokens; a hybrid one: as many such sequences as fit, times their length)."""
+        per_seq = self.kv.max_blocks(self.max_model_len, self.scheduler.config.max_num_batched_tokens)
+        return self.kv.num_blocks // per_seq * self.max_model_len if self.kv.is_hybrid else \
+            self.kv.num_blocks * self.kv.block_size
 
     def workers_alive(self) -> bool:
         return self.workers is None or self.workers.alive()

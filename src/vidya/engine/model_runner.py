@@ -3,7 +3,6 @@ returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import array
-import dataclasses
 import math
 import mmap
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from vidya.attention import AttentionMetadata
 from vidya.config import CacheConfig
 from vidya.engine.cuda_graphs import DecodeGraphs, bucket_for
+from vidya.engine.kv_layout import KVLayout, kv_layout
 from vidya.engine.request import Request
 from vidya.engine.scheduler import SchedulerOutput
 from vidya.engine.tensor_parallel import Step
@@ -23,16 +23,23 @@ GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 
 
-def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config)
+def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype, layers: int | None = None) -> int:
+    """A block's bytes: K and V of `block_size` tokens in `layers` layers (a hybrid layout's
+    `slots`; every layer by default)."""
+    per_token = 2 * (layers or config.num_hidden_layers) * config.num_key_value_heads * head_dim_of(config)
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+def model_layout(model, hybrid: bool = True) -> KVLayout:
+    """The KV layout of a built model, from its layers' sliding windows (engine/kv_layout.py)."""
+    return kv_layout([layer.self_attn.sliding_window for layer in model.model.layers], hybrid)
 
 
 GRAPH_MARGIN = 256 << 20  # CUDA graphs' pool and allocator slack, allocated after the KV cache
 
 
 def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: torch.device,
-                  max_useful: int, activation_bytes: int = 0) -> int:
+                  max_useful: int, activation_bytes: int = 0, layers: int | None = None) -> int:
     """Blocks that fit the memory budget, but no more than `max_useful` (every sequence at
     max_model_len at once): a small model must not allocate millions of idle blocks. On a GPU the
     budget is --gpu-memory-utilization of its memory less what is in use (weights, CUDA context,
@@ -40,7 +47,7 @@ def num_kv_blocks(cache: CacheConfig, model_config, dtype: torch.dtype, device: 
     (`profile_forward`) and a margin for CUDA graphs, as vLLM sizes it."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    per_block = kv_bytes_per_block(model_config, cache.block_size, dtype)
+    per_block = kv_bytes_per_block(model_config, cache.block_size, dtype, layers)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = total * cache.gpu_memory_utilization - (total - free) - activation_bytes - GRAPH_MARGIN
@@ -121,7 +128,10 @@ class ModelInput:
 class ModelRunner:
     """Runs the model with the ops backend chosen at start-up (`ops`, from vidya/platform.py)."""
 
-    def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int, platform, ops) -> None:
+    def __init__(self, model, model_config, cache: CacheConfig, num_blocks: int, platform, ops,
+                 layout: KVLayout | None = None) -> None:
+        """`layout`: which cache tensor and block table each layer uses (model_layout); uniform
+        when None."""
         self.model = model
         self.device = platform.device
         self.ops = ops
@@ -132,24 +142,28 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs, once captured
         self.padded_rows = 0  # padding rows run so far
         self.workers = None  # tensor_parallel.Workers on rank 0 of a tensor-parallel group
+        self.layout = layout or model_layout(model, hybrid=False)
         kvh, d = model_config.num_key_value_heads, head_dim_of(model_config)
         shape = (num_blocks, cache.block_size, kvh, d)
         dtype, device = platform.kv_dtype, platform.device
         self._kv_memory = None
+        slots = self.layout.slots
         if device.type == "cpu":
-            flat, self._kv_memory = cpu_zeros_huge_pages(2 * model_config.num_hidden_layers * math.prod(shape), dtype)
-            caches = flat.view(model_config.num_hidden_layers, 2, *shape)
-            self.kv_caches = [(caches[i, 0], caches[i, 1]) for i in range(model_config.num_hidden_layers)]
+            flat, self._kv_memory = cpu_zeros_huge_pages(2 * slots * math.prod(shape), dtype)
+            caches = flat.view(slots, 2, *shape)
+            slot_caches = [(caches[i, 0], caches[i, 1]) for i in range(slots)]
         else:
-            self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                               torch.zeros(shape, dtype=dtype, device=device))
-                              for _ in range(model_config.num_hidden_layers)]
+            slot_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(slots)]
+        # each layer's (K, V): layers of different groups share a tensor at different block ids
+        self.kv_caches = [slot_caches[s] for s in self.layout.layer_slot]
 
     def prepare(self, out: SchedulerOutput, pad_to: int = 0) -> ModelInput:
-        """The step's flat batch and its one attention-metadata layout (decodes first). A batch of
-        decodes only may be padded to `pad_to` sequences (a CUDA-graph bucket): padding rows
-        read token 0 at position 0, write no KV (slot -1) and attend to one key of block 0."""
-        bs = self.block_size
+        """The step's flat batch and its one attention-metadata layout (decodes first; a hybrid
+        cache's groups each get their slot mapping and block tables). A batch of decodes only may
+        be padded to `pad_to` sequences (a CUDA-graph bucket): padding rows read token 0 at
+        position 0, write no KV (slot -1) and attend to one key of block 0."""
+        bs, groups = self.block_size, len(self.layout.windows)
         decodes, prefills = [], []
         for s in out.scheduled:
             (decodes if s.num_new_tokens == 1 and s.samples else prefills).append(s)
@@ -160,7 +174,7 @@ class ModelRunner:
         # on the host yet, 0 here until `execute` puts the step before's on the device)
         positions = [s.start if s.start >= 0 else s.request.num_computed_tokens for s in decodes]
         ids = [s.request.all_token_ids[p] if p < s.request.num_tokens else 0 for s, p in zip(decodes, positions)]
-        slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(decodes, positions)]
+        slots = [[s.block_ids[g][p // bs] * bs + p % bs for s, p in zip(decodes, positions)] for g in range(groups)]
         n = len(decodes)
         row_seq, starts, logits_rows = list(range(n)), list(range(n + 1)), list(range(n))
         seq_lens = [p + 1 for p in positions]
@@ -170,45 +184,54 @@ class ModelRunner:
             end = start + s.num_new_tokens
             ids.extend(r.all_token_ids[start:end])
             positions.extend(range(start, end))
-            table = s.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            for g in range(groups):
+                table = s.block_ids[g]
+                slots[g].extend(table[p // bs] * bs + p % bs for p in range(start, end))
             row_seq.extend([i] * s.num_new_tokens)
             starts.append(len(ids))
             seq_lens.append(end)
             if s.samples:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(r)
-        tables = [s.block_ids for s in decodes] + [s.block_ids for s in prefills]
-        for i in range(len(tables), pad_to):
+        tables = [[s.block_ids[g] for s in decodes] + [s.block_ids[g] for s in prefills] for g in range(groups)]
+        for i in range(len(out.scheduled), pad_to):
             ids.append(0)
             positions.append(0)
-            slots.append(-1)
             row_seq.append(i)
             starts.append(len(ids))
             seq_lens.append(1)
-            tables.append([0])
-        width = max(map(len, tables), default=1)
+            for g in range(groups):
+                slots[g].append(-1)
+                tables[g].append([0])
+        width = max((len(t) for ts in tables for t in ts), default=1)
+        num_seqs = len(tables[0])
         # one host list, one tensor, one copy to the device; the fields are views of it, each
         # starting 16-byte aligned (an even number of int64s): Triton compiles a kernel anew for
         # each alignment of its pointer arguments, and an odd token count would flip it each step
-        fields = (ids, positions, slots, row_seq, [p + 1 for p in positions], seq_lens, logits_rows)
+        fields = (ids, positions, row_seq, [p + 1 for p in positions], seq_lens, logits_rows, *slots)
         flat = []
         for field in fields:
             flat += field
             flat += [0] * (len(field) & 1)
-        for table in tables:
-            flat += table
-            flat += [0] * (width - len(table))
+        for ts in tables:
+            for table in ts:
+                flat += table
+                flat += [0] * (width - len(table))
+            flat += [0] * (num_seqs * width & 1)
         # (through array: 3-4x faster than torch.tensor on a list of ~12k ints, 0.6 ms a 256-decode step)
         host = self.to_device(torch.frombuffer(array.array("q", flat), dtype=torch.long))
         parts, at = [], 0
-        for size in [len(f) for f in fields] + [len(tables) * width]:
+        for size in [len(f) for f in fields] + [num_seqs * width] * groups:
             parts.append(host[at:at + size])
             at += size + (size & 1)
-        meta = AttentionMetadata(
-            slot_mapping=parts[2], block_tables=parts[7].view(len(tables), width), row_seq=parts[3], row_ctx=parts[4],
-            seq_lens=parts[5], query_starts=starts, num_decodes=n + max(0, pad_to - len(out.scheduled)))
-        return ModelInput(parts[0], parts[1], meta, parts[6], sampling)
+        shared = dict(row_seq=parts[2], row_ctx=parts[3], seq_lens=parts[4], query_starts=starts,
+                      num_decodes=n + max(0, pad_to - len(out.scheduled)))
+        metas = [AttentionMetadata(slot_mapping=parts[6 + g], block_tables=parts[6 + groups + g].view(num_seqs, width),
+                                   **shared) for g in range(groups)]
+        meta = metas[0]
+        if self.layout.is_hybrid:
+            meta.by_layer = [metas[g] for g in self.layout.layer_group]
+        return ModelInput(parts[0], parts[1], meta, parts[5], sampling)
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         """A host tensor on the device without waiting for the device: on a GPU through pinned
@@ -244,8 +267,7 @@ class ModelRunner:
         if input_ids.device != self.device:  # (rank 0's tensors arrive on rank 0's GPU)
             to = lambda t: t.to(self.device)
             input_ids, positions, logits_indices = to(input_ids), to(positions), to(logits_indices)
-            meta = dataclasses.replace(meta, **{f.name: to(getattr(meta, f.name)) for f in dataclasses.fields(meta)
-                                                if isinstance(getattr(meta, f.name), torch.Tensor)})
+            meta = meta.map_tensors(to)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.ops)
         if logits_indices.numel():
             self.ops.logits(self.model.lm_head, hidden[logits_indices])
@@ -259,7 +281,8 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_decode_graphs(self, buckets: list[int], max_blocks_per_seq: int) -> float:
         """Capture one CUDA graph per decode bucket; returns the seconds it took."""
-        self.graphs = DecodeGraphs(self.model, self.ops, self.kv_caches, buckets, max_blocks_per_seq, self.device)
+        self.graphs = DecodeGraphs(self.model, self.ops, self.kv_caches, buckets, max_blocks_per_seq, self.device,
+                                   self.layout)
         self.decode_buckets = buckets
         return self.graphs.capture_seconds
 

@@ -26,7 +26,7 @@ from vidya.engine.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one table per group of layers (KVCacheManager.group_block_ids)
     # the first position this step computes, where it was planned ahead (`schedule_ahead`: one
     # past the request's computed tokens then, its input the token the step before samples); -1:
     # the request's computed count when the step is prepared
@@ -82,12 +82,12 @@ class Scheduler:
                 f"This model's maximum context length is {self.config.max_model_len} tokens. "
                 f"However, you requested {need} tokens ({num_prompt_tokens} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
-        capacity = self.kv.num_blocks * self.kv.block_size
-        if need > capacity:
+        blocks = self.kv.max_blocks(need, self.config.max_num_batched_tokens)
+        if blocks > self.kv.num_blocks:
             raise ContextLengthExceeded(
                 f"The request needs {need} tokens of KV cache ({num_prompt_tokens} prompt + "
-                f"{max_tokens} max_tokens) but the whole cache holds {capacity} "
-                f"({self.kv.num_blocks} blocks of {self.kv.block_size}). Raise the KV cache size "
+                f"{max_tokens} max_tokens), {blocks} blocks of {self.kv.block_size}, but the whole cache holds "
+                f"{self.kv.num_blocks * self.kv.block_size} ({self.kv.num_blocks} blocks). Raise the KV cache size "
                 f"or lower max_tokens.")
 
     # ---- one step --------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+                out.scheduled.append(ScheduledRequest(req, n, self.kv.group_block_ids(req.request_id)))
                 budget -= n
                 i += 1
                 continue
@@ -132,16 +132,16 @@ class Scheduler:
             return None
         if any(s.num_new_tokens != 1 or not s.samples for s in live):
             return None
-        bs, out, need, freed = self.kv.block_size, SchedulerOutput(), 0, set()
+        out, need, freed = SchedulerOutput(), 0, set()
         ahead = []
         for s in live:
             r = s.request
             if r.num_output_tokens + 1 >= r.max_tokens or r.num_tokens + 1 >= self.config.max_model_len:
                 # its token at `prev` is its last: the blocks no other request holds come back
-                freed.update(b.block_id for b in self.kv.req_blocks.get(r.request_id, ()) if b.ref_cnt == 1)
+                freed |= self.kv.blocks_freed_by(r.request_id)
                 continue
             ahead.append(r)
-            need += max(0, -(-(r.num_computed_tokens + 2) // bs) - len(self.kv.block_ids(r.request_id)))
+            need += self.kv.num_new_blocks(r, 2)
         if not ahead or need > self.kv.pool.num_free_blocks:
             return None
         if self.waiting and self._could_admit(len(ahead), self.kv.pool.num_free_blocks - need, freed):
@@ -149,7 +149,7 @@ class Scheduler:
         for r in ahead:
             if not self.kv.allocate_slots(r, 2):  # the token in flight and the one planned
                 raise AssertionError("the pool had the blocks counted a moment ago")
-            out.scheduled.append(ScheduledRequest(r, 1, self.kv.block_ids(r.request_id), r.num_computed_tokens + 1))
+            out.scheduled.append(ScheduledRequest(r, 1, self.kv.group_block_ids(r.request_id), r.num_computed_tokens + 1))
         out.num_scheduled_tokens = len(out.scheduled)
         return out
 
@@ -164,8 +164,7 @@ class Scheduler:
         req = self.waiting[0]
         hits, num_hit = self.kv.get_computed_blocks(req)
         n = self._chunk(req.num_tokens - num_hit, budget)
-        taken = sum(b.ref_cnt == 0 or b.block_id in freed for b in hits)
-        return -(-(num_hit + n) // self.kv.block_size) - len(hits) + taken <= free_blocks + len(freed)
+        return self.kv.num_new_blocks(req, n, hits, freed) <= free_blocks + len(freed)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit from the front of the queue; returns the budget left."""
@@ -182,7 +181,7 @@ class Scheduler:
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+            out.scheduled.append(ScheduledRequest(req, n, self.kv.group_block_ids(req.request_id)))
             budget -= n
         return budget
 
@@ -260,9 +259,6 @@ class Scheduler:
         extra = {s.request.request_id for s in ahead.scheduled} if ahead is not None else set()
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
-            held = len(self.kv.req_blocks.get(r.request_id, ()))
-            tokens = r.num_computed_tokens + (r.request_id in extra)
             # between steps a table covers exactly the computed tokens: only the last block is partial
-            assert held == -(-tokens // self.kv.block_size), (
-                f"{r.request_id}: {held} blocks for {tokens} computed (or planned) tokens")
+            self.kv.check_request(r, r.num_computed_tokens + (r.request_id in extra))
         assert len(self.running) <= self.config.max_num_seqs

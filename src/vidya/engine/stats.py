@@ -53,9 +53,8 @@ class EngineStats:
 
     def record_step(self, scheduler) -> None:
         self.num_steps += 1
-        allocated = scheduler.kv.num_slots_allocated()
+        allocated, holding = scheduler.kv.slots(scheduler.running)
         if allocated:
-            holding = sum(r.num_computed_tokens for r in scheduler.running)
             self.waste_sum += (allocated - holding) / allocated
             self.waste_steps += 1
 

@@ -25,7 +25,6 @@ cache and sampling stay on rank 0 alone.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime
 import multiprocessing as mp
 import os
@@ -75,9 +74,7 @@ class Step:
         """The step with its tensors in host memory: pickled from a GPU they would come back on
         rank 0's device in every worker (and open a context there); each worker moves them to its own."""
         cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
-        meta = dataclasses.replace(meta, **{f.name: cpu(getattr(meta, f.name)) for f in dataclasses.fields(meta)
-                                            if isinstance(getattr(meta, f.name), torch.Tensor)})
-        return cls(cpu(input_ids), cpu(positions), meta, cpu(logits_indices))
+        return cls(cpu(input_ids), cpu(positions), meta.map_tensors(cpu), cpu(logits_indices))
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +251,7 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
     Load, Profile (on a GPU), Cache (each answered READY when done), then a Step per step, until
     Stop (or rank 0's end of the pipe closes: rank 0 is gone). Between messages it waits on the
     pipe as long as rank 0 idles."""
-    from vidya.engine.model_runner import ModelRunner, profile_forward
+    from vidya.engine.model_runner import ModelRunner, model_layout, profile_forward
     from vidya.models import loader
     from vidya.ops import make_ops
     torch.set_num_threads(threads_per_rank(world))
@@ -280,7 +277,8 @@ def worker_main(args, platform: Platform, rank: int, world: int, port: int, conn
         elif isinstance(msg, Profile):
             profile_forward(model, ops, shard, *msg.args)
         elif isinstance(msg, Cache):
-            runner = ModelRunner(model, shard, msg.cache, msg.num_blocks, platform, ops)
+            runner = ModelRunner(model, shard, msg.cache, msg.num_blocks, platform, ops,
+                                 model_layout(model, msg.cache.hybrid_kv_cache))
         else:
             runner.forward(msg)
             continue

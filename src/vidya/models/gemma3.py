@@ -61,8 +61,8 @@ class Gemma3Model(nn.Module):
         x = x * torch.tensor(self.hidden_size ** 0.5, dtype=x.dtype)  # as transformers: the scale in x's dtype
         ropes = {t: rotary(positions, x.dtype) for t, rotary in self.rotary.items()}
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, ropes, kv, meta, ops)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            x, residual = layer(x, residual, ropes, kv, meta.for_layer(i), ops)
         return ops.add_rms_norm(x, residual, self.norm)[0]
 
 

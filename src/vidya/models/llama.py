@@ -136,8 +136,8 @@ class LlamaModel(nn.Module):
             x, residual = stacked
         else:
             residual = None
-            for layer, kv in zip(self.layers, kv_caches):
-                x, residual = layer(x, residual, rope, kv, meta, ops)
+            for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+                x, residual = layer(x, residual, rope, kv, meta.for_layer(i), ops)
         return ops.add_rms_norm(x, residual, self.norm)[0]
 
 

@@ -257,7 +257,7 @@ class AmxOps(OneDnnOps):
         return None
 
     def decoder_stack(self, model, x, rope, kv_caches, meta):
-        if self.stack is None or x.shape[0] > self.MAX_ROWS:
+        if self.stack is None or x.shape[0] > self.MAX_ROWS or meta.by_layer is not None:
             return None
         attn = model.layers[0].self_attn
         return self.kernels.decode_layers(

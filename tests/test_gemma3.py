@@ -106,8 +106,27 @@ def test_gemma3_270m_serves_chat_over_the_openai_api():
         t = client.completions.create(model="gemma3-270m", prompt="The capital of France is", max_tokens=16,
                                       temperature=0)
         assert "france" in t.choices[0].text.lower() and t.usage.completion_tokens == 16
+        import httpx
+        kv = httpx.get(s.url + "/version").json()["kv_cache"]  # the hybrid layout, as the start-up line says it
+        assert kv["groups"] == [None] + [512] * 5 and kv["layers_per_block"] == 3 and kv["dtype"] == "float32"
+        assert kv["layout"].startswith("hybrid") and f"KV cache {kv['layout']}" in s.log()
+        assert kv["token_room"] == kv["sequences_at_max_model_len"] * 1024
     finally:
         s.terminate()
+
+
+def test_the_hybrid_cache_holds_3_6x_the_sequences_of_a_uniform_one_in_the_same_memory():
+    """Issue 33: Gemma 3 270M at 4k context, 1 GiB of KV cache on CPU (the --kv-cache-memory
+    default's path): its sliding layers keeping only their 512-token window's blocks hold ~3.6x the
+    sequences every layer keeping every token does (421 blocks of 3 layers a sequence against 256 of
+    18: 1,263 layer-blocks against 4,608)."""
+    counts = {}
+    for hybrid in (True, False):
+        llm = LLM("gemma3-270m", load_format="dummy", max_model_len=4096, kv_cache_memory=1, show_progress=False,
+                  hybrid_kv_cache=hybrid)
+        counts[hybrid] = llm.engine.kv_sequences_at_max_len()
+        assert llm.engine.kv.is_hybrid == hybrid
+    assert counts[True] >= 3.5 * counts[False] and counts[False] >= 3, counts
 
 
 def test_the_language_model_of_a_multimodal_gemma3_checkpoint(tmp_path, smollm2_tokenizer):

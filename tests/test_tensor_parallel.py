@@ -1,5 +1,5 @@
 """Tensor parallelism on CPU (gloo, two processes): greedy outputs at TP=2 equal TP=1 token for
-token on tiny random Llama and Qwen2 models in fp32 (plain batch, prefill chunked by 7, prefix
+token on tiny random Llama, Qwen2 and Gemma 3 (its hybrid KV cache) models in fp32 (plain batch, prefill chunked by 7, prefix
 hits), each rank holds half the weights and half the KV cache, and a model whose heads do not
 divide is refused with the numbers."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ def greedy_run(engine, batch: list[list[int]], stagger: bool = False) -> list[li
     return [done[i].outputs[0].token_ids for i in ids]
 
 
-@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+@pytest.mark.parametrize("arch", ("llama", "qwen2", "gemma3"))  # gemma3: the hybrid KV cache, window 8
 def test_tp2_equals_tp1_token_for_token(arch, tiny_models):
     model_dir, hf = tiny_models[arch]
     batch = prompts(hf.config.vocab_size)

@@ -150,14 +150,26 @@ class LLMEngine:
         self._ids = itertools.count()
         self._log(f"engine loaded in {time.perf_counter() - t0:.1f} s: {num_blocks} KV blocks of "
                   f"{cache.block_size} tokens, max_model_len {self.max_model_len}; KV cache {layout.describe()}, "
-                  f"room for {self.kv_token_room()} tokens")
+                  f"room for {self.kv_token_room()} tokens ({self.kv_sequences_at_max_len()} sequences of {self.max_model_len})")
+
+    def kv_sequences_at_max_len(self) -> int:
+        """Sequences of max_model_len tokens the KV cache holds at once while they decode."""
+        return self.kv.num_blocks // self.kv.max_blocks(self.max_model_len, 1)
 
     def kv_token_room(self) -> int:
-        """Tokens of context the KV cache holds for sequences of max_model_len (a uniform cache:
-        every block's tokens; a hybrid one: as many such sequences as fit, times their length)."""
-        per_seq = self.kv.max_blocks(self.max_model_len, self.scheduler.config.max_num_batched_tokens)
-        return self.kv.num_blocks // per_seq * self.max_model_len if self.kv.is_hybrid else \
-            self.kv.num_blocks * self.kv.block_size
+        """Tokens of context the KV cache holds: every block's tokens (uniform); for a hybrid
+        cache, sequences of max_model_len decoding at once times their length."""
+        if self.kv.is_hybrid:
+            return self.kv_sequences_at_max_len() * self.max_model_len
+        return self.kv.num_blocks * self.kv.block_size
+
+    def kv_cache_info(self) -> dict:
+        """The KV cache's layout, for /version: groups (each one's window, None for full
+        attention), layers a block holds, blocks, block size, dtype, tokens of room."""
+        return {"layout": self.kv_layout.describe(), "groups": list(self.kv.windows),
+                "layers_per_block": self.kv_layout.slots, "num_blocks": self.kv.num_blocks,
+                "block_size": self.kv.block_size, "dtype": self.platform.as_dict()["kv_cache_dtype"],
+                "token_room": self.kv_token_room(), "sequences_at_max_model_len": self.kv_sequences_at_max_len()}
 
     def workers_alive(self) -> bool:
         return self.workers is None or self.workers.alive()

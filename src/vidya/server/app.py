@@ -185,7 +185,8 @@ def build_app(settings: ServerSettings, state: ServerState) -> FastAPI:
     async def version():
         """vidya's version and what this machine runs (null while the model loads)."""
         engine = state.llm.engine if state.llm is not None else None
-        return {"version": __version__, "backend": engine.platform.as_dict() if engine else None}
+        return {"version": __version__, "backend": engine.platform.as_dict() if engine else None,
+                "kv_cache": engine.kv_cache_info() if engine else None}
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "vidya",

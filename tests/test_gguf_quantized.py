@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_engine, write_gguf
 from test_quantization import greedy_tokens, prompts

@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights and KV cache (GPU only)")
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="auto: the model's (16-bit); fp8 (= fp8_e4m3) or fp8_e5m2: an 8-bit cache, half the "
+                        "bytes a token (vLLM's flag; read by the torch reference attention so far)")
     p.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    help="sliding-window layers (Gemma 3) keep every token as the full-attention ones do, "
                         "instead of only the blocks their window sees (vLLM's flag)")
@@ -84,7 +87,7 @@ def engine_args(args, show_progress: bool = True):
                       block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                      hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager,
+                      hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager, kv_cache_dtype=args.kv_cache_dtype,
                       backend=args.backend, device=args.device, attention_backend=args.attention_backend,
                       load_format=args.load_format, enforce_eager=args.enforce_eager,
                       async_scheduling=args.async_scheduling,
@@ -155,14 +158,10 @@ class NotedFlag(argparse.Action):
 
 def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     """`vllm serve MODEL` and the vLLM flags listed in VLLM_NOTED_FLAGS, so that a vLLM command
-    line runs unchanged; `--kv-cache-dtype` and the parallel sizes take the
-    values vidya can serve and refuse the others."""
+    line runs unchanged; the parallel sizes take the values vidya can serve and refuse the others."""
     p.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
     for flag, (nargs, why) in VLLM_NOTED_FLAGS.items():
         p.add_argument(flag, nargs=nargs, action=NotedFlag, help=f"(vLLM's; {why})")
-    p.add_argument("--kv-cache-dtype", default="auto", type=only("auto", "the KV cache takes the platform's 16- or "
-                                                               "32-bit dtype; an 8-bit KV cache is not implemented yet"),
-                   help="auto only: the KV cache takes the platform's 16- or 32-bit dtype (8-bit KV: not yet)")
     p.add_argument("--pipeline-parallel-size", "-pp", default="1",
                    type=only("1", "pipeline parallelism is not implemented; split a model with --tensor-parallel-size"),
                    help="1 only (tensor parallelism: --tensor-parallel-size)")

@@ -81,6 +81,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     hybrid_kv_cache: bool = True  # False: --disable-hybrid-kv-cache-manager (CacheConfig)
+    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: auto, fp8 (= fp8_e4m3), fp8_e5m2 (platform.py)
     seed: int = 0
     num_threads: int | None = None
     show_progress: bool = True
@@ -98,7 +99,9 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from vidya.platform import ATTENTION_BACKENDS, BACKENDS
+        from vidya.platform import ATTENTION_BACKENDS, BACKENDS, KV_CACHE_DTYPES
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

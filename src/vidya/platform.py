@@ -140,9 +140,19 @@ def no_gpu_in_the_gpu_image() -> str:
             f"--device cpu to serve on the CPU")
 
 
+# --kv-cache-dtype, vLLM's names: "auto" the activations' dtype (bf16/fp16 on a GPU, the C++
+# kernels' bf16 on a CPU), else 8-bit floats, kept with a scale per layer for K and for V
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                   "fp8_e5m2": torch.float8_e5m2}
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "auto",
                      attention: str = "auto", tensor_parallel: bool = False,
-                     quantization: str | None = None) -> Platform:
+                     quantization: str | None = None, kv_cache_dtype: str = "auto") -> Platform:
     """Everything the engine needs to know about this machine, decided once (the engine calls
     this once and hands the result to whatever else needs it: tensor-parallel ranks included).
     `tensor_parallel`: the engine splits the model across ranks, which runs on the torch ops on
@@ -156,10 +166,17 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
     if quantization and backend not in ("auto", "torch"):
         raise ValueError(f"quantized weights ({quantization}) run on the torch ops; vidya's C++ kernels ({source} "
                          f"{backend}) take 16/32-bit weights: use auto or torch")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    fp8 = KV_CACHE_DTYPES[kv_cache_dtype]
     attention, attention_source = ((attention, "--attention-backend") if attention != "auto" else
                                    ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"{attention_source} must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+    if fp8 is not None and (backend not in ("auto", "torch") or attention not in ("auto", "torch")):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: an 8-bit KV cache is read by the torch reference "
+                         f"attention only so far (the C++ and Triton kernels read 16/32-bit caches): leave "
+                         f"--backend and --attention-backend at auto or torch")
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
@@ -167,16 +184,20 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         if backend not in ("auto", "torch"):
             raise ValueError(f"{source} {backend} names vidya's CPU kernels, and this engine runs on {dev}: use "
                              f"auto (Triton kernels) or torch (the reference ops), or --device cpu")
-        if backend == "torch" and attention == "auto":
-            attention = "torch"  # the reference ops throughout
+        if (backend == "torch" or fp8 is not None) and attention == "auto":
+            attention = "torch"  # the reference ops throughout (an 8-bit cache: its reference attention)
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
-        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization):
-            backend = "torch"  # that attention (tensor parallelism, quantized weights) runs beside the torch ops
+        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization or fp8 is not None):
+            backend = "torch"  # that attention (tensor parallelism, quantized weights, an 8-bit cache) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
     p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
                             quantization=quantization)
+    if fp8 is not None:
+        p = dataclasses.replace(p, kv_dtype=fp8, note="; ".join(filter(None, (p.note, (
+            f"an 8-bit KV cache ({kv_cache_dtype}) is read by the torch reference attention: its kernels in C++ "
+            f"and Triton are still to come")))))
     if quantization and p.device.type == "cpu":
         p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
             "quantized weights on a CPU run the torch reference, dequantized every step: memory saved, "

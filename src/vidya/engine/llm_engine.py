@@ -38,7 +38,7 @@ def engine_platform(args: EngineArgs) -> Platform:
     qc = loader.load_quant(loader.resolve(args.model), args.quantization, resolve_device(args.device).type == "cuda")
     return resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
                             tensor_parallel=args.tensor_parallel_size > 1,
-                            quantization=qc.describe() if qc else None)
+                            quantization=qc.describe() if qc else None, kv_cache_dtype=args.kv_cache_dtype)
 
 
 class LLMEngine:

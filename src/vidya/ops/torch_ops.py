@@ -80,7 +80,8 @@ class TorchOps:
         q, k = q.view(t, attn.num_heads, attn.head_dim), k.view(t, attn.num_kv_heads, attn.head_dim)
         q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, attn.num_kv_heads, attn.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window,
+                              (attn.k_scale, attn.v_scale))
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,23 @@ def test_the_tiny_llama_with_an_8_bit_cache_gives_transformers_tokens_with_the_s
     assert greedy_tokens(tight, batch) == want and tight.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_the_triton_kernels_write_and_read_an_8_bit_cache_as_the_reference_does(tiny_models, name):
+    """RoPE + the cache write and the paged attention in Triton (interpreted here, float32 math)
+    over a float8 cache, with scales other than 1: the tiny Llama's tokens equal the torch ops'."""
+    pytest.importorskip("triton", reason="the triton package is not installed here")
+    model_dir, hf = tiny_models["llama"]
+    batch = prompts(hf.config.vocab_size)[:4]
+    outs = []
+    for backend in ("torch", "triton"):
+        engine = make_engine(model_dir, kv_cache_dtype=name, backend=backend)
+        assert engine.runner.kv_caches[0][0].dtype == FP8[name]
+        for layer in engine.runner.model.model.layers:
+            layer.self_attn.k_scale, layer.self_attn.v_scale = 0.5, 0.25
+        outs.append(greedy_tokens(engine, batch))
+    assert outs[0] == outs[1]
+
+
 def test_an_8_bit_cache_halves_the_bytes_a_block_takes(tiny_models):
     """The same --kv-cache-memory holds twice the blocks of a 16-bit cache (bf16 on the torch ops)."""
     model_dir = tiny_models["llama"][0]

@@ -6,7 +6,8 @@ Prints each kernel's shared memory and fails on one over the architecture's per-
 where the ptxas that Triton carries knows the architecture, its register and spill counts too
 (more than SPILL_LIMIT bytes spilled fails).
 
-    PYTHONPATH=src python bench/gpu/compile.py [--arch 80 86 90] [--dtype bf16 fp16] [--models ...] [--json FILE]
+    PYTHONPATH=src python bench/gpu/compile.py [--arch 80 86 90] [--dtype bf16 fp16] [--models ...]
+        [--kv-cache-dtype auto|fp8_e4m3|fp8_e5m2] [--json FILE]
 
 It must run without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
 from __future__ import annotations
@@ -38,7 +39,10 @@ def signature(fn, types: dict[str, str], constants: dict) -> dict[str, str]:
     return {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
 
 
-def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[dict]:
+KV_TYPES = {"auto": None, "fp8_e4m3": "fp8e4nv", "fp8_e5m2": "fp8e5"}  # --kv-cache-dtype -> Triton's pointer type
+
+
+def compile_all(archs: list[int], dtypes: list[str], models: list[str], kv_cache_dtype: str = "auto") -> list[dict]:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -54,21 +58,26 @@ def compile_all(archs: list[int], dtypes: list[str], models: list[str]) -> list[
             for model in models:
                 h, kvh, d = SHAPES[model]
                 launch = tp.attend_launch(h, kvh, d, BLOCK_SIZE, torch_dtype[dtype], arch)
-                ptr = {n: f"*{dtype}" for n in ("out_ptr", "q_ptr", "kc_ptr", "vc_ptr")}
+                kv_type = f"*{KV_TYPES[kv_cache_dtype] or dtype}"
+                ptr = {n: f"*{dtype}" for n in ("out_ptr", "q_ptr")}
+                ptr.update(kc_ptr=kv_type, vc_ptr=kv_type)
                 # as the engine passes them: block tables and lengths int64 (AttentionMetadata), tile maps int32
                 ptr.update({"bt_ptr": "*i64", "seq_lens_ptr": "*i64"})
                 ptr.update({n: "*i32" for n in ("qstart_ptr", "tile_seq_ptr", "tile_q0_ptr")})
-                ptr["scale"] = "fp32"
+                ptr.update(scale="fp32", v_scale="fp32")
                 tiles = {"attend decode": launch.decode, "attend prefill": launch.prefill}
                 launches = [(name, tp._attend_kernel, ptr,
                              {**dict(launch.constants), "BLOCK_Q": tile.block_q, "BLOCK_N": tile.block_n},
                              tile.num_warps, tile.num_stages) for name, tile in tiles.items()]
+                rotary, warps = tk.rotary_launch(h, kvh, d, BLOCK_SIZE)
                 launches.append(("rotary_cache", tk._rotary_cache_kernel,
-                                 {**{n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr")},
-                                  "slot_ptr": "*i64"},
-                                 *tk.rotary_launch(h, kvh, d, BLOCK_SIZE), None))
+                                 {**{n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr")}, "kc_ptr": kv_type,
+                                  "vc_ptr": kv_type, "slot_ptr": "*i64", "k_scale": "fp32", "v_scale": "fp32",
+                                  "top": "fp32"},
+                                 {**rotary, "FP8": kv_cache_dtype != "auto"}, warps, None))
                 for name, fn, types, constants, num_warps, stages in launches:
-                    row = {"arch": arch, "dtype": dtype, "model": model, "kernel": name, "num_warps": num_warps,
+                    row = {"arch": arch, "dtype": dtype, "kv_cache_dtype": kv_cache_dtype, "model": model,
+                           "kernel": name, "num_warps": num_warps,
                            "num_stages": stages, **constants}
                     options = {"num_warps": num_warps, **({} if stages is None else {"num_stages": stages})}
                     try:
@@ -111,12 +120,13 @@ def main() -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], help="compute capabilities (default 80 86 90)")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_TYPES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: under it the kernels are interpreted, not compiled", file=sys.stderr)
         return 2
-    rows = compile_all(args.arch, args.dtype, args.models)
+    rows = compile_all(args.arch, args.dtype, args.models, args.kv_cache_dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -85,7 +85,7 @@ def attention(device: torch.device, dtype: torch.dtype, batch: int, context: int
         def run():
             tp._attend_kernel[(tile_seq.shape[0], kvh)](
                 o, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, starts, tile_seq, tile_q0,
-                d ** -0.5, tp.NO_WINDOW, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+                d ** -0.5, tp.NO_WINDOW, 1.0, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
                 num_warps=warps, **extra, **consts)
         row = {"block_n": block_n, "num_warps": warps, "num_stages": stages,

@@ -173,10 +173,10 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
                                    ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"{attention_source} must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
-    if fp8 is not None and (backend not in ("auto", "torch") or attention not in ("auto", "torch")):
+    if fp8 is not None and (backend not in ("auto", "torch") or attention == "cpu"):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: an 8-bit KV cache is read by the torch reference "
-                         f"attention only so far (the C++ and Triton kernels read 16/32-bit caches): leave "
-                         f"--backend and --attention-backend at auto or torch")
+                         f"and Triton attention only so far (vidya's C++ kernels read 16/32-bit caches): leave "
+                         f"--backend at auto or torch and --attention-backend at auto, torch or triton")
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
@@ -184,8 +184,12 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         if backend not in ("auto", "torch"):
             raise ValueError(f"{source} {backend} names vidya's CPU kernels, and this engine runs on {dev}: use "
                              f"auto (Triton kernels) or torch (the reference ops), or --device cpu")
-        if (backend == "torch" or fp8 is not None) and attention == "auto":
-            attention = "torch"  # the reference ops throughout (an 8-bit cache: its reference attention)
+        if backend == "torch" and attention == "auto":
+            attention = "torch"  # the reference ops throughout
+        if fp8 == torch.float8_e4m3fn and attention != "torch" and torch.cuda.get_device_capability(dev) < (8, 9):
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: Triton converts float8 e4m3 only on compute "
+                             f"capability 8.9 and newer (this GPU: {'.'.join(map(str, torch.cuda.get_device_capability(dev)))}, "
+                             f"e.g. an A10); use --kv-cache-dtype fp8_e5m2 (or --attention-backend torch)")
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
@@ -195,22 +199,26 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
     p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
                             quantization=quantization)
     if fp8 is not None:
-        p = dataclasses.replace(p, kv_dtype=fp8, note="; ".join(filter(None, (p.note, (
-            f"an 8-bit KV cache ({kv_cache_dtype}) is read by the torch reference attention: its kernels in C++ "
-            f"and Triton are still to come")))))
+        p = dataclasses.replace(p, kv_dtype=fp8)
+    if fp8 is not None and p.device.type == "cpu" and p.attention == "torch":
+        p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
+            f"an 8-bit KV cache ({kv_cache_dtype}) on a CPU runs the torch reference ops: vidya's C++ kernels "
+            f"read 16/32-bit caches")))))
     if quantization and p.device.type == "cpu":
         p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
             "quantized weights on a CPU run the torch reference, dequantized every step: memory saved, "
             "several times slower than 16-bit on the C++ kernels")))))
-    if p.attention == "triton" and p.device.type == "cpu" and (p.dtype, p.kv_dtype) != (torch.float32,) * 2:
+    if p.attention == "triton" and p.device.type == "cpu" and (
+            p.dtype != torch.float32 or (p.kv_dtype != torch.float32 and not is_fp8(p.kv_dtype))):
         # Triton's interpreter computes tl.dot on 16-bit operands wrongly (3.9: a 16x16 bf16 dot off
         # by ~1e10; fp32 exact), so its attention answers garbage in bf16 (compiled, on a GPU, it is right)
         if dtype != "auto":
             raise ValueError(f"{attention_source} triton on the CPU runs in Triton's interpreter, whose tl.dot is "
                              f"wrong on {dtype} operands: use dtype float32 (or auto) there")
         f32 = torch.float32
-        p = dataclasses.replace(p, dtype=f32, weight_dtype=f32, kv_dtype=f32, note="; ".join(filter(None, (
-            p.note, "Triton's interpreter: float32 throughout (its tl.dot is wrong on 16-bit operands)"))))
+        p = dataclasses.replace(p, dtype=f32, weight_dtype=f32, kv_dtype=p.kv_dtype if is_fp8(p.kv_dtype) else f32,
+                                note="; ".join(filter(None, (p.note, "Triton's interpreter: float32 throughout (its "
+                                                                     "tl.dot is wrong on 16-bit operands)"))))
     return p
 
 

@@ -35,7 +35,7 @@ NO_WINDOW = 1 << 30  # a layer without a sliding window sees every earlier posit
 # specialised on (model_runner aligns the step's tensors)
 @triton.jit(do_not_specialize=["stride_bt"])
 def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_ptr, tile_seq_ptr, tile_q0_ptr,
-                   scale, window,
+                   scale, window, v_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_cs, stride_ch, stride_bt,
                    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -91,7 +91,7 @@ def _attend_kernel(out_ptr, q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qstart_
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale  # (an 8-bit cache's V scale; else 1)
     tl.store(out_ptr + (row0 + qi)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -183,9 +183,11 @@ def attend_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: 
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-           scale: float, window: int | None = None) -> torch.Tensor:
+           scale: float, window: int | None = None, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """q: [T, H, d] (last dim contiguous) over a cache the step's K/V are already in -> [T, H, d].
-    Decode rows and prefill chunks are two launches of one kernel, each with its own tile height."""
+    Decode rows and prefill chunks are two launches of one kernel, each with its own tile height.
+    An 8-bit cache's values are widened to q's dtype as they load; its K scale folds into the
+    softmax scale, its V scale into the output."""
     t, h, d = q.shape
     out = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
     if t == 0:
@@ -197,7 +199,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
     for tile, tile_seq, tile_q0 in parts:
         _attend_kernel[(tile_seq.shape[0], kvh)](
             out, q, k_cache, v_cache, bt, meta.seq_lens, starts, tile_seq, tile_q0,
-            float(scale), int(window or NO_WINDOW),
+            float(scale * kv_scales[0]), int(window or NO_WINDOW), float(kv_scales[1]),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
             **tile.kwargs(), **dict(launch.constants))

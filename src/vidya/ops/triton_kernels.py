@@ -105,11 +105,36 @@ def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _fp8_grid(x, top, MANT: tl.constexpr, SUB_STEP: tl.constexpr):
+    """x (float32) rounded to the nearest float8 value (ties to even), saturated to +-top: MANT
+    mantissa bits (e4m3: 3, e5m2: 2) for normal values, steps of SUB_STEP below the smallest normal
+    (2^-9, 2^-16). Done in integer arithmetic, so that the cast that follows is exact whatever
+    converter runs it (Triton's interpreter rounds a mantissa carry wrongly, e.g. 1.99 -> 1.0)."""
+    x = tl.clamp(x, -top, top)
+    bits = x.to(tl.int32, bitcast=True)
+    drop: tl.constexpr = 23 - MANT
+    half: tl.constexpr = (1 << (drop - 1)) - 1
+    rounded = ((bits + half + ((bits >> drop) & 1)) >> drop << drop).to(tl.float32, bitcast=True)
+    small = tl.abs(x) < SUB_STEP * (1 << MANT)  # below the smallest normal: fixed steps
+    fixed = _rint(tl.abs(x) / SUB_STEP) * SUB_STEP
+    return tl.where(small, tl.where(x < 0, -fixed, fixed), rounded)  # (a negative that rounds to 0: -0.0)
+
+
+@triton.jit
+def _rint(x):
+    """Round to nearest, ties to even (float32 holding whole numbers below 2^23)."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    return tl.where(tie & ((r.to(tl.int32) & 1) == 1), r - 1.0, r)
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
-                         stride_t, stride_cos, stride_cb, stride_cs, stride_ch,
+                         stride_t, stride_cos, stride_cb, stride_cs, stride_ch, k_scale, v_scale, top,
                          H: tl.constexpr, KVH: tl.constexpr, HEADS_PAD: tl.constexpr, D: tl.constexpr,
-                         HALF_PAD: tl.constexpr, BS: tl.constexpr, TOKENS: tl.constexpr):
+                         HALF_PAD: tl.constexpr, BS: tl.constexpr, TOKENS: tl.constexpr, FP8: tl.constexpr,
+                         MANT: tl.constexpr = 3, SUB_STEP: tl.constexpr = 2.0 ** -9):
     # a [TOKENS, HEADS_PAD, HALF_PAD] tile: tokens x (q heads 0..H-1, then k heads) x half a head
     t = (tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)).to(tl.int64)[:, None, None]
     head = tl.arange(0, HEADS_PAD)[None, :, None]
@@ -135,26 +160,40 @@ def _rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, nu
     kv = ok & (head >= H) & (slot >= 0)
     dst = (slot // BS) * stride_cb + (slot % BS) * stride_cs + (head - H) * stride_ch
     ct = kc_ptr.dtype.element_ty
-    tl.store(kc_ptr + dst + i, y1.to(ct), mask=kv)
-    tl.store(kc_ptr + dst + D // 2 + i, y2.to(ct), mask=kv)
     vbase = qkv_ptr + t * stride_t + (head + KVH) * D  # head H + j's v is at H + KVH + j
-    tl.store(vc_ptr + dst + i, tl.load(vbase + i, mask=kv, other=0.0).to(ct), mask=kv)
-    tl.store(vc_ptr + dst + D // 2 + i, tl.load(vbase + D // 2 + i, mask=kv, other=0.0).to(ct), mask=kv)
+    v1 = tl.load(vbase + i, mask=kv, other=0.0)
+    v2 = tl.load(vbase + D // 2 + i, mask=kv, other=0.0)
+    if FP8:  # an 8-bit cache holds x / scale, saturated, rounded to nearest (attention/paged.py's to_cache)
+        k1 = _fp8_grid(y1.to(tl.float32) / k_scale, top, MANT, SUB_STEP)
+        k2 = _fp8_grid(y2.to(tl.float32) / k_scale, top, MANT, SUB_STEP)
+        v1 = _fp8_grid(v1.to(tl.float32) / v_scale, top, MANT, SUB_STEP)
+        v2 = _fp8_grid(v2.to(tl.float32) / v_scale, top, MANT, SUB_STEP)
+    else:
+        k1, k2 = y1, y2
+    tl.store(kc_ptr + dst + i, k1.to(ct), mask=kv)
+    tl.store(kc_ptr + dst + D // 2 + i, k2.to(ct), mask=kv)
+    tl.store(vc_ptr + dst + i, v1.to(ct), mask=kv)
+    tl.store(vc_ptr + dst + D // 2 + i, v2.to(ct), mask=kv)
 
 
 def rotary_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-                 head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                 head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
     """qkv [T, (H + 2 kvh) d] (rows contiguous), cos/sin [T, d]: RoPE on q and k in place; k and
-    v written to the cache [blocks, block_size, kvh, d] at slot_mapping[t]."""
+    v written to the cache [blocks, block_size, kvh, d] at slot_mapping[t] (an 8-bit cache: divided
+    by `kv_scales` and saturated)."""
     t = qkv.shape[0]
     if t == 0:
         return
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
+    fp8 = k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     constants, num_warps = rotary_launch(num_heads, num_kv_heads, head_dim, k_cache.shape[1])
     _rotary_cache_kernel[(triton.cdiv(t, constants["TOKENS"]),)](
         qkv, cos, sin, k_cache, v_cache, slot_mapping, t,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        num_warps=num_warps, **constants)
+        float(kv_scales[0]), float(kv_scales[1]), float(torch.finfo(k_cache.dtype).max) if fp8 else 0.0,
+        num_warps=num_warps, FP8=fp8, **constants,
+        **({"MANT": 3, "SUB_STEP": 2.0 ** -9} if k_cache.dtype == torch.float8_e4m3fn else {"MANT": 2, "SUB_STEP": 2.0 ** -16}))
 
 
 def rotary_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> tuple[dict, int]:

@@ -33,6 +33,9 @@ class TritonOps(TorchOps):
         t, h, d = qkv.shape[0], attn.num_heads, attn.head_dim
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
-        tk.rotary_cache(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        scales = (attn.k_scale, attn.v_scale)
+        tk.rotary_cache(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                        scales)
         q = qkv[:, :h * d].view(t, h, d)
-        return triton_paged.attend(q, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window).view(t, h * d)
+        return triton_paged.attend(q, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window,
+                                   scales).view(t, h * d)

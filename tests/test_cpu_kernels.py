@@ -385,3 +385,44 @@ def test_sliding_window_rows_match_reference(kernel, dtype, q_dtype, tol, heads,
     with pytest.raises(RuntimeError, match="window"):
         ops.paged_attention(q_dec, k_cache, v_cache, torch.stack(tables[:-1]), torch.arange(n),
                             torch.tensor(decode_lens), scale, -1)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_an_8_bit_cache_is_written_and_read_as_the_reference_does(kernel, cache_dtype, q_dtype):
+    """Issue 33: float8 caches at every ISA level (the portable rows: no level has its own 8-bit
+    kernel yet). The cache write divides by the K / V scales and saturates before c10's rounding,
+    bit for bit as attention/paged.py's to_cache; the attention over the float8 cache, with the K
+    scale folded into the softmax scale as the CPU ops pass it, equals the reference's."""
+    from vidya.attention.paged import decode_attention, prefill_attention, to_cache
+    from vidya.models.rope import apply_rotary
+    ops = kernel.ops
+    g = torch.Generator().manual_seed(11)
+    rows, heads, kv_heads, d = 13, 8, 2, 64
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g) * 30).to(q_dtype)
+    qkv[0, heads * d] = 1e5  # a K value the scale cannot bring under e4m3's 448: saturated
+    cos, sin = torch.randn(rows, d, generator=g).to(q_dtype), torch.randn(rows, d, generator=g).to(q_dtype)
+    k_cache = torch.zeros(8, 16, kv_heads, d, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(8 * 16, generator=g)[:rows]
+    out = qkv.clone()
+    ops.rotary_cache_(out, cos, sin, heads, kv_heads, d, k_cache, v_cache, slots, 2.0, 0.5)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    _, ref_k = apply_rotary(q.reshape(rows, heads, d), k.reshape(rows, kv_heads, d), cos[:, None], sin[:, None])
+    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots].view(torch.uint8), to_cache(ref_k, cache_dtype, 2.0).view(torch.uint8))
+    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots].view(torch.uint8),
+                       to_cache(v.reshape(rows, kv_heads, d), cache_dtype, 0.5).view(torch.uint8))
+    # attention over a float8 cache full of values: two decodes and a prefill chunk of 5 ending at 40
+    full = lambda: (torch.randn(64, 16, kv_heads, d, generator=g) * 4).to(cache_dtype)
+    k8, v8 = full(), full()
+    tables = [torch.randperm(64, generator=g)[:3] for _ in range(3)]
+    qs = torch.randn(7, heads, d, generator=g).to(q_dtype)
+    scale, scales = d ** -0.5, (2.0, 0.5)
+    got = ops.paged_attention(qs, k8, v8, torch.stack(tables), torch.tensor([0, 1] + [2] * 5),
+                              torch.tensor([9, 33] + list(range(36, 41))), scale * scales[0]) * scales[1]
+    # (the reference in float32: the kernels' arithmetic is float32 whatever the rows' dtype)
+    want_dec = decode_attention(qs[:2].float(), k8, v8, torch.stack(tables[:2]), torch.tensor([9, 33]), 33, scale,
+                                kv_scales=scales)
+    want_pre = prefill_attention(qs[2:].float(), k8, v8, tables[2], 40, scale, kv_scales=scales)
+    tol = 1e-4 if q_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), torch.cat([want_dec, want_pre]).float(), atol=tol, rtol=tol)

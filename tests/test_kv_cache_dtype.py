@@ -71,8 +71,8 @@ def test_the_tiny_llama_with_an_8_bit_cache_gives_transformers_tokens_with_the_s
         mp.setattr(modeling_llama, "apply_rotary_pos_emb", rope)
         want = [hf_greedy(ref, p) for p in batch]
     assert want != [hf_greedy(hf, p) for p in batch]  # (the rounding changed the answers)
-    plain = make_engine(model_dir, kv_cache_dtype=name)
-    assert plain.runner.kv_caches[0][0].dtype == FP8[name] and plain.platform.attention == "torch"
+    plain = make_engine(model_dir, kv_cache_dtype=name)  # (the C++ kernels where they built, else the torch ops)
+    assert plain.runner.kv_caches[0][0].dtype == FP8[name]
     assert f"{str(FP8[name]).removeprefix('torch.')} KV cache" in plain.platform.describe()
     assert greedy_tokens(plain, batch) == want
     assert greedy_tokens(make_engine(model_dir, kv_cache_dtype=name, max_num_batched_tokens=7), batch) == want
@@ -83,16 +83,24 @@ def test_the_tiny_llama_with_an_8_bit_cache_gives_transformers_tokens_with_the_s
 
 
 @pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
-def test_the_triton_kernels_write_and_read_an_8_bit_cache_as_the_reference_does(tiny_models, name):
-    """RoPE + the cache write and the paged attention in Triton (interpreted here, float32 math)
-    over a float8 cache, with scales other than 1: the tiny Llama's tokens equal the torch ops'."""
-    pytest.importorskip("triton", reason="the triton package is not installed here")
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_kernels_write_and_read_an_8_bit_cache_as_the_reference_does(tiny_models, name, backend):
+    """RoPE + the cache write and the paged attention in vidya's C++ kernels (the CPU's best level;
+    every level against the reference in test_cpu_kernels.py) and in Triton (interpreted here,
+    float32 math) over a float8 cache, with scales other than 1: the tiny Llama's tokens equal the
+    torch ops'."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton package is not installed here")
+    else:
+        from vidya.kernels import cpu
+        if not cpu.available():
+            pytest.skip("vidya's C++ kernels did not build here")
     model_dir, hf = tiny_models["llama"]
     batch = prompts(hf.config.vocab_size)[:4]
     outs = []
-    for backend in ("torch", "triton"):
-        engine = make_engine(model_dir, kv_cache_dtype=name, backend=backend)
-        assert engine.runner.kv_caches[0][0].dtype == FP8[name]
+    for b in ("torch", backend):
+        engine = make_engine(model_dir, kv_cache_dtype=name, backend=b)
+        assert engine.runner.kv_caches[0][0].dtype == FP8[name] and engine.platform.backend == b.replace("triton", "torch")
         for layer in engine.runner.model.model.layers:
             layer.self_attn.k_scale, layer.self_attn.v_scale = 0.5, 0.25
         outs.append(greedy_tokens(engine, batch))

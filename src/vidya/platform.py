@@ -173,10 +173,6 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
                                    ((os.environ.get(ATTENTION_ENV_VAR) or "auto").lower(), ATTENTION_ENV_VAR))
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"{attention_source} must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
-    if fp8 is not None and (backend not in ("auto", "torch") or attention == "cpu"):
-        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: an 8-bit KV cache is read by the torch reference "
-                         f"and Triton attention only so far (vidya's C++ kernels read 16/32-bit caches): leave "
-                         f"--backend at auto or torch and --attention-backend at auto, torch or triton")
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
@@ -193,17 +189,13 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
-        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization or fp8 is not None):
-            backend = "torch"  # that attention (tensor parallelism, quantized weights, an 8-bit cache) runs beside the torch ops
+        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization):
+            backend = "torch"  # that attention (tensor parallelism, quantized weights) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
     p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
                             quantization=quantization)
     if fp8 is not None:
         p = dataclasses.replace(p, kv_dtype=fp8)
-    if fp8 is not None and p.device.type == "cpu" and p.attention == "torch":
-        p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
-            f"an 8-bit KV cache ({kv_cache_dtype}) on a CPU runs the torch reference ops: vidya's C++ kernels "
-            f"read 16/32-bit caches")))))
     if quantization and p.device.type == "cpu":
         p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
             "quantized weights on a CPU run the torch reference, dequantized every step: memory saved, "

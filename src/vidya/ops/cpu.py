@@ -63,13 +63,18 @@ class CpuOps(TorchOps):
         """RoPE on q and k in place and K/V written to the cache in one op, then attention reading
         q straight from the qkv buffer."""
         h, d = attn.num_heads, attn.head_dim
+        scales = (attn.k_scale, attn.v_scale)  # (an 8-bit cache's; its K scale folds into the softmax
+        # scale and its V scale multiplies the output: the kernels read the stored values as they are)
         self.kernels.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
-                                   meta.slot_mapping)
+                                   meta.slot_mapping, *scales)
         q = qkv[:, :h * d].view(qkv.shape[0], h, d)
         window = attn.sliding_window or 0  # (a sliding-window layer's rows see their last `window` keys)
+        scale = attn.scale * scales[0]
         if not self.sdpa_prefill and not window:
             out = self.kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq,
-                                               meta.row_ctx, attn.scale)
+                                               meta.row_ctx, scale)
+            if scales[1] != 1.0:
+                out.mul_(scales[1])
             return out.view(qkv.shape[0], h * d)
         # rows before `cut` (decodes and short chunks) row by row in C++; long chunks on SDPA (and
         # in a sliding-window layer, where the kernels' tiles do not apply)
@@ -82,11 +87,13 @@ class CpuOps(TorchOps):
         out = q.new_empty(q.shape)
         if cut:
             out[:cut] = self.kernels.paged_attention(q[:cut], kv_cache[0], kv_cache[1], meta.block_tables,
-                                                     meta.row_seq[:cut], meta.row_ctx[:cut], attn.scale, window)
+                                                     meta.row_seq[:cut], meta.row_ctx[:cut], scale, window)
+            if scales[1] != 1.0:
+                out[:cut].mul_(scales[1])
         for i in long:
             a, b = starts[i], starts[i + 1]
             out[a:b] = prefill_attention(q[a:b], kv_cache[0], kv_cache[1], meta.block_tables[i],
-                                         int(meta.row_ctx[b - 1]), attn.scale, attn.sliding_window)
+                                         int(meta.row_ctx[b - 1]), attn.scale, attn.sliding_window, scales)
         return out.view(qkv.shape[0], h * d)
 
     def first_max(self, logits):
@@ -257,7 +264,8 @@ class AmxOps(OneDnnOps):
         return None
 
     def decoder_stack(self, model, x, rope, kv_caches, meta):
-        if self.stack is None or x.shape[0] > self.MAX_ROWS or meta.by_layer is not None:
+        if (self.stack is None or x.shape[0] > self.MAX_ROWS or meta.by_layer is not None
+                or kv_caches[0][0].dtype.itemsize == 1):  # (its fused layers read 16/32-bit caches)
             return None
         attn = model.layers[0].self_attn
         return self.kernels.decode_layers(

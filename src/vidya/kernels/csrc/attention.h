@@ -26,8 +26,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t G = H / KVH, W = block_tables.size(1);
   const T* qp = q.data_ptr<T>();
   const int64_t qrs = q.stride(0);  // q may be a view into the fused qkv rows
-  const TC* kp = k_cache.data_ptr<TC>();
-  const TC* vp = v_cache.data_ptr<TC>();
+  const TC* kp = static_cast<const TC*>(k_cache.data_ptr());
+  const TC* vp = static_cast<const TC*>(v_cache.data_ptr());
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* seq = row_seq.data_ptr<int64_t>();
   const int64_t* ctx = row_ctx.data_ptr<int64_t>();
@@ -111,8 +111,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "q needs contiguous rows of heads; the caches must be contiguous");
   const bool mixed = q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || mixed,
-              "q and cache dtypes differ (only fp32 q over a bf16 cache is supported)");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn || k_cache.scalar_type() == at::kFloat8_e5m2;
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || mixed || fp8,
+              "q and cache dtypes differ (only fp32 q over a bf16 cache, or any q over a float8 cache)");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && row_seq.scalar_type() == at::kLong &&
               row_ctx.scalar_type() == at::kLong, "index tensors must be int64");
   TORCH_CHECK(block_tables.is_contiguous() && row_seq.is_contiguous() && row_ctx.is_contiguous(),
@@ -122,6 +123,24 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(H % KVH == 0 && H / KVH <= kMaxGroup && q.size(2) <= kMaxDim && q.size(2) == k_cache.size(3),
               "unsupported head layout");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (fp8) {  // an 8-bit cache: the portable rows, widening each K/V vector to fp32 (the caller folds
+              // k_scale into `scale` and multiplies the output by v_scale)
+    const bool e4m3 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+    auto run = [&](auto q_type) {
+      using T = decltype(q_type);
+      if (e4m3)
+        paged_attention_impl<T, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out);
+      else
+        paged_attention_impl<T, c10::Float8_e5m2>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out);
+    };
+    switch (q.scalar_type()) {
+      case at::kFloat: run(float{}); break;
+      case at::kBFloat16: run(at::BFloat16{}); break;
+      case at::kHalf: run(at::Half{}); break;
+      default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
+    }
+    return out;
+  }
   if (mixed) {
     paged_attention_impl<float, at::BFloat16>(q, k_cache, v_cache, block_tables, row_seq, row_ctx, scale, window, out);
     return out;

@@ -5,6 +5,8 @@
 // bound level's row of the dispatch table (dispatch.h), never the CPU directly, so an override
 // (e.g. VIDYA_BACKEND=avx2 on an AMX machine) runs exactly the paths that CPU class would.
 #pragma once
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -78,6 +80,36 @@ inline float to_f<at::BFloat16>(at::BFloat16 x) {
 
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
+
+// An 8-bit cache (float8 e4m3 / e5m2): K / k_scale and V / v_scale, saturated to the format's
+// largest finite value, then rounded to nearest even by c10's conversion (as torch's .to() does;
+// attention/paged.py's to_cache is the reference)
+template <typename T>
+inline constexpr bool is_fp8_v = std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
+
+// float8 -> float through a 256-entry table (1 KiB, in L1 while a row's K/V are read): c10's
+// conversion is bit arithmetic per value, ~2x slower in the attention rows (measured, AVX2 EPYC)
+template <typename T>
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) v[i] = static_cast<float>(T(static_cast<uint8_t>(i), T::from_bits()));
+  }
+};
+template <typename T>
+inline const Fp8Table<T> fp8_table{};
+
+template <>
+inline float to_f<c10::Float8_e4m3fn>(c10::Float8_e4m3fn x) { return fp8_table<c10::Float8_e4m3fn>.v[x.x]; }
+template <>
+inline float to_f<c10::Float8_e5m2>(c10::Float8_e5m2 x) { return fp8_table<c10::Float8_e5m2>.v[x.x]; }
+
+template <typename T>
+inline T to_fp8(float x, float scale) {
+  const float top = std::is_same_v<T, c10::Float8_e4m3fn> ? 448.f : 57344.f;
+  x = x / scale;
+  return static_cast<T>(x > top ? top : (x < -top ? -top : x));
+}
 
 // Round through T (what storing an intermediate in T does), so fused ops match unfused torch.
 template <typename T>

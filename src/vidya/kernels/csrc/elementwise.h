@@ -78,12 +78,12 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
 template <typename T, typename TC = T>
 void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t D,
                  at::Tensor* k_cache = nullptr, at::Tensor* v_cache = nullptr, const int64_t* slots = nullptr,
-                 int64_t kv_heads = 0) {
+                 int64_t kv_heads = 0, float k_scale = 1.f, float v_scale = 1.f) {
   const int64_t rows = qkv.size(0), half = D / 2;
   // with caches: row r's k heads (the last kv_heads of the rotated ones) and the v heads after
   // them are copied to cache slot slots[r]
-  TC* kcp = k_cache ? k_cache->data_ptr<TC>() : nullptr;
-  TC* vcp = v_cache ? v_cache->data_ptr<TC>() : nullptr;
+  TC* kcp = k_cache ? static_cast<TC*>(k_cache->data_ptr()) : nullptr;
+  TC* vcp = v_cache ? static_cast<TC*>(v_cache->data_ptr()) : nullptr;
   const int64_t kv_width = kv_heads * D;
   T* p = qkv.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
@@ -96,6 +96,9 @@ void rotary_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, 
     if constexpr (std::is_same_v<T, TC>) {
       std::memcpy(kcp + slots[r] * kv_width, k, sizeof(T) * kv_width);
       std::memcpy(vcp + slots[r] * kv_width, k + kv_width, sizeof(T) * kv_width);
+    } else if constexpr (is_fp8_v<TC>) {  // an 8-bit cache: divided by its scales, saturated
+      for (int64_t i = 0; i < kv_width; ++i) kcp[slots[r] * kv_width + i] = to_fp8<TC>(to_f(k[i]), k_scale);
+      for (int64_t i = 0; i < kv_width; ++i) vcp[slots[r] * kv_width + i] = to_fp8<TC>(to_f(k[kv_width + i]), v_scale);
     } else {  // round to the cache's dtype, as tensor.to(cache dtype) does
       for (int64_t i = 0; i < kv_width; ++i) kcp[slots[r] * kv_width + i] = from_f<TC>(to_f(k[i]));
       for (int64_t i = 0; i < kv_width; ++i) vcp[slots[r] * kv_width + i] = from_f<TC>(to_f(k[kv_width + i]));
@@ -167,8 +170,10 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 // RoPE in place on the q and k heads of each fused qkv row, then that row's k and v heads written to its
 // cache slot: k_cache/v_cache [NB, BS, KVH, D], slot_mapping [T] int64 (block * BS + offset).
 void rotary_cache_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t kv_heads,
-                   int64_t head_dim, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping) {
+                   int64_t head_dim, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping,
+                   double k_scale, double v_scale) {
   check_rows(qkv, "qkv");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn || k_cache.scalar_type() == at::kFloat8_e5m2;
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == qkv.size(0) &&
               cos.size(-1) == head_dim && qkv.size(1) >= (heads + 2 * kv_heads) * head_dim && head_dim % 2 == 0 &&
               kv_heads > 0 && kv_heads <= heads &&
@@ -176,15 +181,29 @@ void rotary_cache_(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin,
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
               k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == kv_heads && k_cache.size(3) == head_dim &&
               k_cache.scalar_type() == v_cache.scalar_type() &&
-              (k_cache.scalar_type() == qkv.scalar_type() ||
+              (k_cache.scalar_type() == qkv.scalar_type() || fp8 ||
                (qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)),
-              "bad rotary_cache_ caches (their dtype must be the rows' or, under fp32 rows, bf16)");
+              "bad rotary_cache_ caches (their dtype must be the rows', bf16 under fp32 rows, or float8)");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, "KV-cache scales must be > 0");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
               slot_mapping.numel() == qkv.size(0), "slot_mapping must be int64 with one slot per row");
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
   for (int64_t r = 0; r < slot_mapping.numel(); ++r)
     TORCH_CHECK(slots[r] >= 0 && slots[r] < n_slots, "slot ", slots[r], " outside the cache");
+  if (fp8) {
+    const float ks = static_cast<float>(k_scale), vs = static_cast<float>(v_scale);
+    const bool e4m3 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+    VIDYA_DISPATCH(qkv.scalar_type(), "rotary_cache_", {
+      if (e4m3)
+        rotary_impl<scalar, c10::Float8_e4m3fn>(qkv, cos, sin, heads + kv_heads, head_dim, &k_cache, &v_cache, slots,
+                                                kv_heads, ks, vs);
+      else
+        rotary_impl<scalar, c10::Float8_e5m2>(qkv, cos, sin, heads + kv_heads, head_dim, &k_cache, &v_cache, slots,
+                                              kv_heads, ks, vs);
+    });
+    return;
+  }
   if (qkv.scalar_type() != k_cache.scalar_type()) {
     rotary_impl<float, at::BFloat16>(qkv, cos, sin, heads + kv_heads, head_dim, &k_cache, &v_cache, slots, kv_heads);
     return;

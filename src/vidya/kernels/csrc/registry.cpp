@@ -19,7 +19,7 @@ TORCH_LIBRARY(vidya, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotary_cache_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int kv_heads, int head_dim, "
-        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
+        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("cpu_isa() -> int");
   m.def("bind_isa(int level) -> int");

@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     c10::optional<at::Tensor> bias;
     if (!qkv_bias.empty()) bias = qkv_bias[l];
     at::Tensor fused_qkv = amx_linear(x, qkv[l], bias);
-    rotary_cache_(fused_qkv, cos, sin, heads, kv_heads, head_dim, k_caches[l], v_caches[l], slot_mapping);
+    rotary_cache_(fused_qkv, cos, sin, heads, kv_heads, head_dim, k_caches[l], v_caches[l], slot_mapping, 1.0, 1.0);
     at::Tensor q = fused_qkv.narrow(1, 0, heads * head_dim).view({M, heads, head_dim});
     at::Tensor attn = paged_attention(q, k_caches[l], v_caches[l], block_tables, row_seq, row_ctx, scale, 0);
     x = amx_linear(attn.view({M, heads * head_dim}), o[l], c10::nullopt);

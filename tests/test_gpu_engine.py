@@ -62,7 +62,8 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu", "run.py"), "--smoke", "--json", str(out),
-                        "--only", "versions", "bandwidth", "serve_8b", "a10", "sweep_24gb", "serve_8b_w4a16"],
+                        "--only", "versions", "bandwidth", "serve_8b", "a10", "sweep_24gb", "serve_8b_w4a16",
+                        "serve_8b_24gb_w4a16_kv8"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -87,6 +88,9 @@ def test_the_gpu_bench_script_runs_at_toy_size(tmp_path):
     q = r["serve_8b_w4a16"]  # the projections in int4 over the dummy weights: fewer bytes a step reads
     assert q["quantization"] == "int4 W4A16 g128 asym" and q["output_tok_s"] > 0
     assert q["weight_bytes"] < s["weight_bytes"] and s["quantization"] is None
+    kv8 = r["serve_8b_24gb_w4a16_kv8"]  # the A10's setting: int4 weights and an 8-bit (e5m2) cache
+    assert kv8["kv_cache_dtype"] == "float8_e5m2" and kv8["output_tok_s"] > 0 and kv8["decode_steps"] > 0
+    assert kv8["quantization"] == q["quantization"] and kv8["weight_bytes"] == q["weight_bytes"]
 
 
 def test_the_gpu_real_model_section_runs_here_and_agrees_in_float32(tmp_path):

@@ -33,6 +33,8 @@
                  projections quantized online (int4 g128, int8 per channel) over the dummy weights:
                  decode steps against their own, smaller, weight-bandwidth floor (last: the
                  sections before them fill run.sh's 9 minutes; name them with --only)
+    serve_8b_24gb_kv8, serve_8b_24gb_w4a16_kv8  the 24 GB run with an 8-bit KV cache (fp8_e5m2, as
+                 an A10's Triton converts it), alone and beside int4 weights: blocks held, decode steps
     sweep_24gb   `vidya serve` on the GPU (the 8B shape, dummy weights, 24 GB), `vidya bench sweep`
                  with the tutor's requests at concurrency 16..256, then `vidya plan` on it (sweep.py);
                  the sweep file is written beside the results
@@ -270,6 +272,11 @@ def main() -> int:
         for q, name in (("int4", "w4a16"), ("int8", "w8a16")):
             section(f"serve_8b_{name}", lambda q=q: serve_8b(device, workdir, args.smoke, gb_s, None, quantization=q))
         section("serve_8b_24gb_w4a16", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, quantization="int4"))
+        # the A10's setting (issue 33): an 8-bit cache in e5m2 (Triton converts e4m3 only from sm_89),
+        # alone and beside 4-bit weights: the KV blocks 24 GB holds, and what a step costs
+        section("serve_8b_24gb_kv8", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, kv_cache_dtype="fp8_e5m2"))
+        section("serve_8b_24gb_w4a16_kv8", lambda: serve_8b(device, workdir, args.smoke, gb_s, 24, quantization="int4",
+                                                            kv_cache_dtype="fp8_e5m2"))
     rows = lambda name: result.get(name) if isinstance(result.get(name), list) else []  # noqa: E731 (a failed section: a dict)
     checks = [k.get("ok") for k in rows("kernels") + rows("quant_kernels") if isinstance(k, dict)]
     checks += [t.get("token_exact") for t in rows("tiny_exact") if isinstance(t, dict)]

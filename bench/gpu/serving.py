@@ -35,7 +35,7 @@ def percentiles(xs: list[float]) -> dict:
 
 def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memory_gib: float | None,
              steady: bool = False, deadline_s: float = 150.0, async_scheduling: bool | None = None,
-             quantization: str | None = None) -> dict:
+             quantization: str | None = None, kv_cache_dtype: str = "auto") -> dict:
     """The 8B shape serving n_req requests offline (figures in the module's docstring). Past
     deadline_s seconds of serving the rest are left unfinished and `truncated` is set, so that a
     slow engine leaves the run time for the sections after it."""
@@ -61,6 +61,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
                                   quantization=quantization,  # (online int8/int4 over the dummy weights)
+                                  kv_cache_dtype=kv_cache_dtype,
                                   # (smoke: the GPU's defaults and their bookkeeping, on CPU)
                                   overlap_outputs=True if smoke else None,
                                   async_scheduling=True if smoke and async_scheduling is None else async_scheduling))
@@ -134,7 +135,8 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
     embed = model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters()
                   if p is not embed or model.lm_head.weight is embed)
-    kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
+    kv_token = (2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (shape["hidden_size"] // shape["num_attention_heads"])
+                * engine.platform.kv_dtype.itemsize)  # (an 8-bit cache: a byte a value)
     decode = []
     for i, (sched, seconds) in enumerate(steps, start=1):
         if all(s.num_new_tokens == 1 for s in sched.scheduled):
@@ -146,6 +148,7 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
            "cuda_graphs": engine.runner.graphs is not None, "overlap_outputs": engine.overlap_outputs,
            "async_scheduling": engine.async_scheduling, "backend": engine.platform.describe(),
            "quantization": engine.platform.quantization, "weight_bytes": weights,
+           "kv_cache_dtype": engine.platform.as_dict()["kv_cache_dtype"],
            "wall_s": wall, "truncated": truncated,
            "output_tok_s": sum(produced.values()) / wall, "preemptions": engine.scheduler.num_preemptions,
            "ttft_s": percentiles(list(first.values())), "itl_s": percentiles(gaps),

@@ -145,7 +145,7 @@ def read_sweep(path: str) -> dict:
                 raise ValueError(f"level field 'ttft_p99_ms' is {r['ttft_p99_ms']!r}, not a number")
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = (f"it has no field {e.args[0]!r}" if isinstance(e, KeyError)
-               else f"not a JSON object with a list of levels" if isinstance(e, TypeError)
+               else "not a JSON object with a list of levels" if isinstance(e, TypeError)
                else getattr(e, "strerror", None) or str(e))
         raise ValueError(f"cannot read sweep {path}: {why}; write one with "
                          f"vidya bench sweep --base-url URL --json {path}") from None

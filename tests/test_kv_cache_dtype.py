@@ -5,6 +5,8 @@ Llama served with it gives the tokens transformers gives when its own K (after R
 rounded the same way: plain, chunked, with prefix hits, under preemption."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -113,3 +115,43 @@ def test_an_8_bit_cache_halves_the_bytes_a_block_takes(tiny_models):
     b16 = make_engine(model_dir, dtype="bfloat16", backend="torch", kv_cache_memory=0.01)
     b8 = make_engine(model_dir, dtype="bfloat16", kv_cache_dtype="fp8", kv_cache_memory=0.01)
     assert b8.kv.num_blocks // 2 == b16.kv.num_blocks  # (the budget's bytes // a block's, twice as many)
+
+
+def test_a_checkpoints_kv_scales_are_read_and_used_by_an_8_bit_cache(tiny_models, tmp_path, monkeypatch):
+    """vLLM's self_attn.k_scale / v_scale tensors in a checkpoint: an 8-bit cache holds K / k_scale
+    and V / v_scale (here 8 and 4: values that would saturate e4m3 without them come through), and
+    the tokens are transformers' with K and V rounded at those scales; a 16-bit cache ignores them."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from transformers.models.llama import modeling_llama
+    model_dir, hf = tiny_models["llama"]
+    dest = tmp_path / "scaled"
+    shutil.copytree(model_dir, dest)
+    state = load_file(str(dest / "model.safetensors"))
+    for i in range(hf.config.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(8.0)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(4.0)
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    dtype = torch.float8_e4m3fn
+    import copy
+    ref = copy.deepcopy(hf)
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_round(q, k, cos, sin, *a, **kw):
+        q, k = rope(q, k, cos, sin, *a, **kw)
+        return q, rounded(k, dtype, 8.0).to(k.dtype)
+    for layer in ref.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda m, i, out: rounded(out, dtype, 4.0).to(out.dtype))
+    batch = prompts(hf.config.vocab_size)
+    with monkeypatch.context() as mp:
+        mp.setattr(modeling_llama, "apply_rotary_pos_emb", rope_then_round)
+        want = [hf_greedy(ref, p) for p in batch]
+    engine = make_engine(str(dest), kv_cache_dtype="fp8")
+    attn = engine.runner.model.model.layers[1].self_attn
+    assert (attn.k_scale, attn.v_scale) == (8.0, 4.0)
+    assert greedy_tokens(engine, batch) == want
+    unscaled = [hf_greedy(hf, p) for p in batch]
+    for backend in ("auto", "torch", "triton"):  # a 16/32-bit cache: the scales change nothing, in any ops
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            continue
+        assert greedy_tokens(make_engine(str(dest), backend=backend), batch) == unscaled, backend

@@ -20,6 +20,12 @@ from vidya.attention.metadata import AttentionMetadata
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def kv_scales(attn, cache: torch.Tensor) -> tuple[float, float]:
+    """A layer's (k_scale, v_scale) where its cache is 8-bit; (1, 1) for a 16/32-bit cache, which
+    holds K and V as they are whatever scales a checkpoint gave (as vLLM ignores them there)."""
+    return (attn.k_scale, attn.v_scale) if cache.dtype in FP8 else (1.0, 1.0)
+
+
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """x in a cache of `dtype`: 8-bit floats hold x / scale, saturated; others x as it is."""
     if dtype not in FP8:

@@ -79,8 +79,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps, norm_offset) if qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, norm_offset) if qk_norm else None
         self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
-        # an 8-bit KV cache holds K / k_scale and V / v_scale (vLLM's per-layer scales; 1.0: a
-        # checkpoint's calibrated scales are not read yet)
+        # an 8-bit KV cache holds K / k_scale and V / v_scale (vLLM's per-layer scales: a
+        # checkpoint's self_attn.k_scale / v_scale where it has them, the loader sets; else 1.0)
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, x, rope, kv_cache, meta, ops):

@@ -344,6 +344,22 @@ def _dummy_weights(model: CausalLM, seed: int = 0) -> None:
             m.scales.fill_(0.02 / (1 << (m.bits - 2)))
 
 
+KV_SCALE_NAMES = (".self_attn.k_scale", ".self_attn.v_scale", ".self_attn.kv_scale")
+
+
+def _set_kv_scale(model: CausalLM, name: str, tensor: torch.Tensor) -> None:
+    """A checkpoint's calibrated KV-cache scale for one layer (vLLM's names: self_attn.k_scale and
+    v_scale, or the older kv_scale for both), used by an 8-bit cache (--kv-cache-dtype fp8) and
+    ignored by a 16-bit one, as vLLM does."""
+    module, _, leaf = name.rpartition(".")
+    value = float(tensor.float().max())  # (one value a layer; a per-head vector: its largest)
+    if not value > 0 or value != value:
+        raise ModelLoadError(f"{name} is {value}: a KV-cache scale must be a positive number")
+    attn = model.get_submodule(module)
+    for which in (("k_scale", "v_scale") if leaf == "kv_scale" else (leaf,)):
+        setattr(attn, which, value)
+
+
 def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype, progress: bool,
                   tp: TPGroup, qc: QuantConfig | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -357,6 +373,9 @@ def _load_weights(model: CausalLM, src: ModelSource, config, dtype: torch.dtype,
         weights = tqdm(weights, desc=f"Loading {os.path.basename(src.name)}", unit=" tensors", leave=False)
     try:
         for name, tensor in _converted(weights, model, qc):
+            if name.endswith(KV_SCALE_NAMES):
+                _set_kv_scale(model, name, tensor)
+                continue
             if name not in slices:
                 continue
             target, start, rows = slices[name]

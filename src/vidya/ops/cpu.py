@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidya.attention.paged import prefill_attention
+from vidya.attention.paged import kv_scales, prefill_attention
 from vidya.ops.torch_ops import TorchOps
 from vidya.platform import return_freed_memory
 
@@ -63,7 +63,7 @@ class CpuOps(TorchOps):
         """RoPE on q and k in place and K/V written to the cache in one op, then attention reading
         q straight from the qkv buffer."""
         h, d = attn.num_heads, attn.head_dim
-        scales = (attn.k_scale, attn.v_scale)  # (an 8-bit cache's; its K scale folds into the softmax
+        scales = kv_scales(attn, kv_cache[0])  # (an 8-bit cache's; its K scale folds into the softmax
         # scale and its V scale multiplies the output: the kernels read the stored values as they are)
         self.kernels.rotary_cache_(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1],
                                    meta.slot_mapping, *scales)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vidya.attention.metadata import AttentionMetadata
-from vidya.attention.paged import paged_attention
+from vidya.attention.paged import kv_scales, paged_attention
 from vidya.platform import TPGroup
 from vidya.models.quant import QuantLinear, quantize_activations
 from vidya.models.rope import apply_rotary
@@ -81,7 +81,7 @@ class TorchOps:
         q, k = apply_rotary(q, k, rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         v = v.view(t, attn.num_kv_heads, attn.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, attn.scale, attn.sliding_window,
-                              (attn.k_scale, attn.v_scale))
+                              kv_scales(attn, kv_cache[0]))
         return out.reshape(t, attn.num_heads * attn.head_dim)
 
     def logits(self, lm_head, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ CUDA by default, on CPU only under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
 
 from vidya.attention import triton_paged
+from vidya.attention.paged import kv_scales
 from vidya.models.quant import QuantLinear, quantize_activations
 from vidya.ops import triton_kernels as tk
 from vidya.ops import triton_quant
@@ -33,7 +34,7 @@ class TritonOps(TorchOps):
         t, h, d = qkv.shape[0], attn.num_heads, attn.head_dim
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
-        scales = (attn.k_scale, attn.v_scale)
+        scales = kv_scales(attn, kv_cache[0])
         tk.rotary_cache(qkv, rope[0], rope[1], h, attn.num_kv_heads, d, kv_cache[0], kv_cache[1], meta.slot_mapping,
                         scales)
         q = qkv[:, :h * d].view(t, h, d)

@@ -239,9 +239,6 @@ class KVCacheManager:
                     holding += max(0, r.num_computed_tokens - held[0] * self.block_size)
         return allocated, holding
 
-    def num_slots_allocated(self) -> int:
-        return sum(b is not None for ts in self.req_blocks.values() for t in ts for b in t) * self.block_size
-
     # ---- invariants ----------------------------------------------------------------------------
     def check(self) -> None:
         self.pool.check([b for t in ts for b in t if b is not None] for ts in self.req_blocks.values())

@@ -11,6 +11,12 @@ transformers' own model of the same GGUF file, which then scores the text in flo
 forward over those weights is token-exact against transformers', tests/test_quantization.py).
 The 16-bit row is the file's weights as dequantized at load (the GGUF's own 4/5/6/8-bit K-quants:
 "16-bit" means no further quantization by vidya).
+
+`--engine` scores through vidya's engine instead (bench/kv_quality.py's perplexity: the text fed
+16 tokens a forward through the KV cache), so that what the forward does to activations counts:
+on vidya's C++ CPU kernels every quantized projection multiplies in integers, its activations
+quantized to int8 at run time (issue 34); each quantization is scored on the torch reference ops
+(16-bit activations) and on the kernels, against the kernels' own 16/32-bit weights.
 """
 from __future__ import annotations
 
@@ -74,17 +80,44 @@ def perplexity(model, tok, texts: list[str]) -> tuple[float, int]:
     return math.exp(nll / n), n
 
 
+ENGINE_ROWS = [(None, "cpu"), ("int8", "torch"), ("int8", "cpu"), ("int4", "torch"), ("int4", "cpu"),
+               ("gguf", "torch"), ("gguf", "cpu")]
+
+
+def engine_rows(name: str, texts: list[str]) -> list[dict]:
+    from kv_quality import perplexity as engine_perplexity
+    from vidya import LLM
+    rows, base = [], None
+    for q, backend in ENGINE_ROWS:
+        llm = LLM(name, dtype="float32", quantization=q, backend=backend, max_model_len=2048, kv_cache_memory=0.25,
+                  show_progress=False, hybrid_kv_cache=False)
+        ppl = engine_perplexity(llm, texts)
+        base = base or ppl
+        p = llm.engine.platform
+        label = p.quantization or "16/32-bit"
+        rows.append({"model": name, "quantization": label, "ops": p.backend, "isa": p.isa, "perplexity": round(ppl, 3),
+                     "vs_16_bit": round(ppl / base - 1, 4)})
+        print(f"{name:12s} {p.backend:5s} {label:48s} perplexity {ppl:9.3f}  ({ppl / base - 1:+.2%})", flush=True)
+        del llm
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", default=["smollm2", "gemma3-270m"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--int4-groups", type=int, nargs="+", default=[128],
                     help="group sizes to score int4 at (default 128, what --quantization int4 uses)")
+    ap.add_argument("--engine", action="store_true", help="score through vidya's engine: the torch reference ops "
+                    "and the C++ kernels (int8 activations)")
     args = ap.parse_args(argv)
     from vidya.models import loader, quant
     texts = hindi_texts()
     rows = []
     for name in args.models:
+        if args.engine:
+            rows += engine_rows(name, texts)
+            continue
         src = loader.resolve(name)
         t0 = time.perf_counter()
         hf = transformers_model(src.path)

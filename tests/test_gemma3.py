@@ -72,7 +72,7 @@ def test_gemma3_270m_is_token_exact_against_transformers(reference):
 def test_gemma3_270m_kept_quantized_is_token_exact_against_transformers(reference):
     """Issue 32, item 8: its Q4_K, Q6_K, Q5_0 and Q8_0 projections kept as stored (a GPU's default,
     --quantization gguf here) give the tokens transformers gives from the same file dequantized."""
-    llm = LLM("gemma3-270m", quantization="gguf", dtype="float32", show_progress=False, max_model_len=256,
+    llm = LLM("gemma3-270m", quantization="gguf", dtype="float32", backend="torch", show_progress=False, max_model_len=256,
               kv_cache_memory=0.5)
     assert llm.engine.quant.describe() == "gguf Q4_K+Q5_0+Q6_K+Q8_0 W4/8A16"
     tok = llm.engine.tokenizer

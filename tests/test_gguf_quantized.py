@@ -54,7 +54,7 @@ def test_a_gguf_kept_quantized_gives_the_tokens_of_its_dequantized_self(tiny_ggu
     dequantized = make_engine(path, tokenizer=tok)
     assert dequantized.quant is None  # a CPU's default: the 16/32-bit copy
     want = greedy_tokens(dequantized, batch)
-    plain = make_engine(path, tokenizer=tok, quantization="gguf")
+    plain = make_engine(path, tokenizer=tok, quantization="gguf", backend="torch")
     assert plain.quant.describe() == "gguf Q4_0+Q4_1+Q5_0+Q5_1+Q8_0 W4/8A16"
     layer = plain.runner.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, QuantLinear)
@@ -62,10 +62,10 @@ def test_a_gguf_kept_quantized_gives_the_tokens_of_its_dequantized_self(tiny_ggu
     assert (layer.mlp.down_proj.bits, layer.mlp.gate_up_proj.bits, layer.self_attn.o_proj.bits) == (4, 8, 8)
     assert layer.mlp.down_proj.qweight.numel() == layer.mlp.down_proj.in_features * layer.mlp.down_proj.out_features // 2
     assert greedy_tokens(plain, batch) == want
-    assert greedy_tokens(make_engine(path, tokenizer=tok, quantization="gguf", max_num_batched_tokens=7), batch) == want
-    cached = make_engine(path, tokenizer=tok, quantization="gguf")
+    assert greedy_tokens(make_engine(path, tokenizer=tok, quantization="gguf", backend="torch", max_num_batched_tokens=7), batch) == want
+    cached = make_engine(path, tokenizer=tok, quantization="gguf", backend="torch")
     assert greedy_tokens(cached, batch, stagger=True) == want and cached.kv.prefix_hits > 0
-    tight = make_engine(path, tokenizer=tok, quantization="gguf", num_gpu_blocks_override=20, max_num_batched_tokens=16)
+    tight = make_engine(path, tokenizer=tok, quantization="gguf", backend="torch", num_gpu_blocks_override=20, max_num_batched_tokens=16)
     assert greedy_tokens(tight, batch) == want and tight.scheduler.num_preemptions > 0
     for quantization in ("gguf", None):  # (a rank unpermuted q/k rows by its own head count: wrong either way)
         tp = make_engine(path, tokenizer=tok, quantization=quantization, tensor_parallel_size=2)
@@ -79,7 +79,7 @@ def test_a_gguf_kept_quantized_through_the_triton_ops_equals_the_torch_ops(tiny_
     pytest.importorskip("triton", reason="the triton package is not installed here")
     path, tok = tiny_gguf
     batch = prompts(tiny_models["llama"][1].config.vocab_size)[:3]
-    want = greedy_tokens(make_engine(path, tokenizer=tok, quantization="gguf"), batch)
+    want = greedy_tokens(make_engine(path, tokenizer=tok, quantization="gguf", backend="torch"), batch)
     assert greedy_tokens(make_engine(path, tokenizer=tok, quantization="gguf", backend="triton"), batch) == want
 
 

@@ -25,7 +25,9 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 @pytest.mark.parametrize("flags,want", [
     (set(), "generic"), ({"sse4_2", "avx"}, "generic"), (AVX2, "avx2"), (AVX512, "avx512"),
-    (AVX512 | {"avx512_bf16"}, "avx512_bf16"), (AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16"}, "amx"),
+    (AVX512 | {"avx512_bf16", "avx512_vnni"}, "avx512_bf16"),
+    (AVX512 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx"),
+    (AVX512 | {"avx512_bf16"}, "avx512"),  # (no such CPU is known: the level's 8-bit matmul needs VNNI)
     ({"amx_tile", "amx_bf16"} | AVX2, "avx2"),  # AMX flags without AVX-512 BF16: not an AMX path
 ])
 def test_isa_level_from_cpu_flags(flags, want, monkeypatch):
@@ -177,7 +179,7 @@ def test_triton_interpreted_on_a_cpu_runs_in_float32_and_refuses_16_bits(on_cpu,
     now means float32 throughout, with a note; an explicit 16-bit dtype is an error naming float32."""
     pytest.importorskip("triton", reason="the triton package is not installed here")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(plat, "cpu_flags", lambda: AVX512 | {"avx512_bf16"})  # a Zen 4's flags
+    monkeypatch.setattr(plat, "cpu_flags", lambda: AVX512 | {"avx512_bf16", "avx512_vnni"})  # a Zen 4's
     assert plat.resolve_platform(backend="torch").dtype == torch.bfloat16  # (what such a CPU gets otherwise)
     p = plat.resolve_platform(attention="triton")
     assert (p.attention, p.dtype, p.weight_dtype, p.kv_dtype) == ("triton",) + (torch.float32,) * 3

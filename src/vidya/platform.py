@@ -35,8 +35,9 @@ REQUIRE_GPU_ENV_VAR = "VIDYA_REQUIRE_GPU"
 TP_TIMEOUT_ENV_VAR = "VIDYA_TP_TIMEOUT_S"  # seconds a collective inside a step waits for a rank (default 120)
 # /proc/cpuinfo flags each ISA level needs
 _NEEDS = {
-    "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
-    "avx512_bf16": {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    # (every CPU with AVX-512 BF16 has VNNI too; the 8-bit matmul at this level needs it)
+    "avx512_bf16": {"avx512_bf16", "avx512_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
     "avx2": {"avx2", "fma", "f16c"},
 }
@@ -54,6 +55,12 @@ class Platform:
     attention: str = "torch"  # "cpu" (in the C++ kernels), "torch" (the reference) or "triton"
     quantization: str | None = None  # the weights' quantization (models/quant.py), described
     tp_timeout_s: float = 120.0  # a tensor-parallel collective waiting longer on a rank fails
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether quantized projections multiply in integers here (vidya's C++ CPU kernels), their
+        activations quantized to int8 at run time (models/quant.py's int8_activations)."""
+        return self.backend == "cpu"
 
     @property
     def distributed_backend(self) -> str:
@@ -163,9 +170,6 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
     if tensor_parallel and backend not in ("auto", "torch"):
         raise ValueError(f"tensor parallelism runs on the torch ops; {source} {backend} cannot be split: "
                          f"use auto or torch")
-    if quantization and backend not in ("auto", "torch"):
-        raise ValueError(f"quantized weights ({quantization}) run on the torch ops; vidya's C++ kernels ({source} "
-                         f"{backend}) take 16/32-bit weights: use auto or torch")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     fp8 = KV_CACHE_DTYPES[kv_cache_dtype]
@@ -189,17 +193,17 @@ def resolve_platform(device: str = "auto", dtype: str = "auto", backend: str = "
         dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         p = Platform(dev, "cuda", "cuda", dt, dt, dt)
     else:
-        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel or quantization):
-            backend = "torch"  # that attention (tensor parallelism, quantized weights) runs beside the torch ops
+        if backend == "auto" and (attention in ("torch", "triton") or tensor_parallel):
+            backend = "torch"  # that attention (tensor parallelism) runs beside the torch ops
         p = _cpu_platform(dev, dtype, backend, source)
     p = dataclasses.replace(p, attention=_attention_backend(p, attention, attention_source), tp_timeout_s=_tp_timeout(),
                             quantization=quantization)
     if fp8 is not None:
         p = dataclasses.replace(p, kv_dtype=fp8)
-    if quantization and p.device.type == "cpu":
+    if quantization and p.device.type == "cpu" and p.backend == "torch":
         p = dataclasses.replace(p, note="; ".join(filter(None, (p.note, (
-            "quantized weights on a CPU run the torch reference, dequantized every step: memory saved, "
-            "several times slower than 16-bit on the C++ kernels")))))
+            "quantized weights on the torch reference ops are dequantized every step: memory saved, "
+            "several times slower than vidya's C++ kernels")))))
     if p.attention == "triton" and p.device.type == "cpu" and (
             p.dtype != torch.float32 or (p.kv_dtype != torch.float32 and not is_fp8(p.kv_dtype))):
         # Triton's interpreter computes tl.dot on 16-bit operands wrongly (3.9: a 16x16 bf16 dot off

@@ -2,6 +2,7 @@
 the model, update from the output. Everything else lives in the parts it calls."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sys
@@ -20,7 +21,7 @@ from vidya.engine.sampler import Sampler, SamplerOutput
 from vidya.engine.scheduler import Scheduler
 from vidya.engine.stats import EngineStats
 from vidya.engine.token_bytes import TokenBytes
-from vidya.models import loader, registry
+from vidya.models import loader, quant, registry
 from vidya.outputs import RequestOutput
 from vidya.ops import make_ops
 from vidya.engine.prefix_waves import prefix_waves
@@ -36,9 +37,15 @@ def engine_platform(args: EngineArgs) -> Platform:
     quantization the checkpoint has, or --quantization, is read here too (an unserved one fails
     here, before anything loads)."""
     qc = loader.load_quant(loader.resolve(args.model), args.quantization, resolve_device(args.device).type == "cuda")
-    return resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
-                            tensor_parallel=args.tensor_parallel_size > 1,
-                            quantization=qc.describe() if qc else None, kv_cache_dtype=args.kv_cache_dtype)
+    p = resolve_platform(args.device, args.dtype, args.backend, args.attention_backend,
+                         tensor_parallel=args.tensor_parallel_size > 1,
+                         quantization=qc.describe() if qc else None, kv_cache_dtype=args.kv_cache_dtype)
+    return dataclasses.replace(p, quantization=served_quant(qc, p).describe()) if qc else p
+
+
+def served_quant(qc, platform: Platform):
+    """The quantization as `platform` runs it: with 8-bit activations where it multiplies in integers."""
+    return quant.int8_activations(qc) if qc is not None and platform.int8_activations else qc
 
 
 class LLMEngine:
@@ -54,7 +61,7 @@ class LLMEngine:
         self.platform = platform or engine_platform(args)
         self.device, self.dtype = self.platform.device, self.platform.dtype
         src = loader.resolve(args.model)
-        self.quant = loader.load_quant(src, args.quantization, self.device.type == "cuda")
+        self.quant = served_quant(loader.load_quant(src, args.quantization, self.device.type == "cuda"), self.platform)
         self.model_config = loader.load_config(src)
         shard = shard_config(self.model_config, world)  # this rank's part; refuses what does not divide
         self.tokenizer = loader.load_tokenizer(src, args.tokenizer)

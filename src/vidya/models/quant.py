@@ -38,9 +38,12 @@ Anything else found in a checkpoint (FP8, bitsandbytes, act order, static activa
 is refused at start-up with one line, never loaded as if it were 16-bit.
 
 Activations (W8A8, `act_bits` 8) are quantized per token as the checkpoint was calibrated for
-(`quantize_activations`: scale = max |x| / 127, round to nearest even, clamp to int8) and the
-product is taken with the dequantized weights: the numbers an integer kernel gives, not its speed
-(integer kernels: issue 34 on CPUs; int8 tensor cores on a GPU are not used yet).
+(`quantize_activations`: scale = max |x| / 127, round to nearest even, clamp to int8). vidya's
+C++ CPU kernels multiply in integers (kernels/csrc/quant_gemm.h), so on them every quantized
+projection runs with 8-bit activations (`int8_activations`: per group of the weights' groups
+unless the checkpoint says per token). The torch reference takes the product with the dequantized
+weights: the numbers the integer kernel gives, not its speed (int8 tensor cores on a GPU are not
+used yet).
 
 The forward multiplies by the weights dequantized to the activation dtype (`dequantize`): the
 reference, on any device. Kernels that fuse the dequantization into the product are other
@@ -78,7 +81,8 @@ class QuantConfig:
     group_size: int  # along K; 0: one group a row (per channel)
     symmetric: bool = True
     zeros_offset: int = 0  # added to a stored zero point (GPTQ v1 stores zero - 1)
-    act_bits: int = 16  # 8: activations quantized per token at run time (W8A8), else not
+    act_bits: int = 16  # 8: activations quantized to int8 at run time (W8A8), else not
+    act_per_group: bool = False  # 8-bit activations: a scale per group of the weights' (else per token)
     # gguf: (our projection's name, bits, group) for each, and the file's types, e.g. "Q4_K+Q6_K"
     layouts: tuple[tuple[str, int, int], ...] = ()
     types: str = ""
@@ -98,10 +102,14 @@ class QuantConfig:
         raise QuantError(f"{name}: the GGUF file has no quantized tensors for this projection")
 
     def describe(self) -> str:
+        per_group = " (activations per group)" if self.act_per_group else ""
         if self.method == GGUF:  # e.g. "gguf Q4_K+Q6_K W4/8A16": each projection has its own bits
-            return f"gguf {self.types} W{'/'.join(str(b) for b in sorted({b for _, b, _ in self.layouts}))}A16"
+            bits = '/'.join(str(b) for b in sorted({b for _, b, _ in self.layouts}))
+            return f"gguf {self.types} W{bits}A{self.act_bits}{per_group}"
         group = f"g{self.group_size}" if self.group_size else "per channel"
-        return f"{self.method} W{self.bits}A{self.act_bits} {group}{'' if self.symmetric else ' asym'}"
+        if not self.group_size:
+            per_group = ""  # (one group a row: per token)
+        return f"{self.method} W{self.bits}A{self.act_bits} {group}{'' if self.symmetric else ' asym'}{per_group}"
 
     def group_of(self, k: int) -> int:
         """The group size along K for a projection of K inputs. Online, where K is not a multiple
@@ -115,6 +123,14 @@ class QuantConfig:
                 g //= 2
             return g if k % g == 0 else k
         return g
+
+
+def int8_activations(qc: QuantConfig) -> QuantConfig:
+    """`qc` as an integer matmul runs it (vidya's C++ CPU kernels): activations quantized to int8 at
+    run time, per token where the checkpoint was calibrated so (W8A8), else per group of the weights'
+    groups, as llama.cpp quantizes activations for its formats (finer than per token, and each
+    group's integer product then takes one scale)."""
+    return dataclasses.replace(qc, act_bits=8, act_per_group=qc.act_bits != 8)
 
 
 def _refuse(found: str) -> QuantError:
@@ -277,7 +293,7 @@ class QuantLinear(nn.Module):
                              f"of {group}" + (" (its tensor-parallel part; use a tensor-parallel size that cuts "
                                               "it on group boundaries)" if full_in_features else ""))
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, qc.bits, group
-        self.act_bits = qc.act_bits
+        self.act_bits, self.act_per_group = qc.act_bits, qc.act_per_group
         frozen = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)  # noqa: E731
         self.qweight = frozen(out_features, in_features * qc.bits // 8, dtype=torch.uint8)
         self.scales = frozen(out_features, in_features // group, dtype=torch.float32)
@@ -306,14 +322,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.act_bits} g{self.group_size}"
 
+    def act_group(self) -> int:
+        """The activations' quantization group along K for quantize_activations (0: per token)."""
+        return self.group_size if self.act_per_group else 0
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as a W8A8 projection's integer product sees it: each row (token) quantized to int8
-    with scale max |x| / 127 (round half to even, as vLLM's dynamic per-token int8 quantization),
-    then multiplied back, in x's dtype; computed in float32."""
-    xf = x.float()
+
+def quantize_activations(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """x [M, K] as a W8A8 projection's integer product sees it: each row (token), or each group of
+    `group` along K, quantized to int8 with scale max |x| / 127 (round half to even, as vLLM's
+    dynamic per-token int8 quantization), then multiplied back, in x's dtype; computed in float32."""
+    m, k = x.shape
+    xf = x.float().view(m, k // group, group) if group else x.float()
     scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
-    return ((xf / scale).round().clamp(-128, 127) * scale).to(x.dtype)
+    return ((xf / scale).round().clamp(-128, 127) * scale).view(m, k).to(x.dtype)
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # cut along K under tensor parallelism

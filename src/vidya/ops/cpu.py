@@ -6,6 +6,10 @@ holding the weights; which one runs is decided once, by `cpu_ops(platform)`:
     Wide16Ops    fp32 math over bf16 weights and KV cache (AVX2, AVX-512 without BF16)
     OneDnnOps    bf16, weights prepacked for oneDNN (AVX-512 BF16)
     AmxOps       bf16, small batches on vidya's AMX matmul, every decode layer in one call
+
+In every one, a quantized projection (models/quant.py's QuantLinear) is packed once (`pack_q8`)
+and multiplied in integers (`vidya::linear_q8`: activations quantized to int8 per the layer's
+act_group, as the torch reference's quantize_activations does them).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidya.attention.paged import kv_scales, prefill_attention
+from vidya.models.quant import QuantLinear, unpack_codes
 from vidya.ops.torch_ops import TorchOps
 from vidya.platform import return_freed_memory
 
@@ -47,6 +52,25 @@ class CpuOps(TorchOps):
         self.kernels = kernels if kernels is not None else torch.ops.vidya
         tiles = platform.dtype == torch.bfloat16 and platform.isa in ("amx", "avx512_bf16")
         self.sdpa_prefill = not tiles
+
+    def prepare(self, model) -> None:
+        self.pack_quantized(model)
+
+    @staticmethod
+    def pack_quantized(model) -> None:
+        """Every quantized projection in linear_q8's layout (`q8`); its own tensors are released."""
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and not hasattr(m, "q8"):
+                m.q8 = pack_q8(m)
+                for p in (m.qweight, m.scales, m.zeros):
+                    release(p)
+        return_freed_memory()
+
+    def linear(self, lin, x):
+        if isinstance(lin, QuantLinear):
+            return self.kernels.linear_q8(x, *lin.q8, lin.bias, lin.out_features, lin.bits, lin.group_size,
+                                          not lin.act_per_group)
+        return super().linear(lin, x)
 
     def add_rms_norm(self, x, residual, norm):
         if residual is None:
@@ -127,6 +151,7 @@ class Wide16Ops(CpuOps):
     widened to fp32 in registers; the fp32 weights are released."""
 
     def prepare(self, model) -> None:
+        self.pack_quantized(model)
         packed: dict[int, torch.Tensor] = {}
         for m in model.modules():
             if isinstance(m, nn.Linear):
@@ -151,6 +176,8 @@ class Wide16Ops(CpuOps):
         return F.embedding(ids, embedding.w16).float()
 
     def linear(self, lin, x):
+        if isinstance(lin, QuantLinear):
+            return super().linear(lin, x)
         return self.kernels.linear_w16(x, lin.w16, lin.bias, lin.out_features)
 
 
@@ -161,6 +188,7 @@ class OneDnnOps(CpuOps):
     batch_hint = 64
 
     def prepare(self, model) -> None:
+        self.pack_quantized(model)
         reorder = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.batch_hint)
         # a SiLU-gated MLP's gate_up only ever runs through gated_act: its two halves, not the whole
         halved = {id(m.gate_up_proj) for m in model.modules() if getattr(m, "act", None) == "silu"}
@@ -175,10 +203,12 @@ class OneDnnOps(CpuOps):
                 m.packed = reorder(w)
 
     def linear(self, lin, x):
+        if isinstance(lin, QuantLinear):
+            return super().linear(lin, x)
         return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
 
     def gated_act(self, gate_up, x, act):
-        if act != "silu":
+        if act != "silu" or isinstance(gate_up, QuantLinear):
             return super().gated_act(gate_up, x, act)
         b, i = gate_up.bias, gate_up.out_features // 2
         gate = torch.ops.mkldnn._linear_pointwise(x, gate_up.halves[0], None if b is None else b[:i], "swish", [], "")
@@ -229,7 +259,7 @@ class AmxOps(OneDnnOps):
             return None
         lins = [lin for lay in layers for lin in (lay.self_attn.qkv_proj, lay.self_attn.o_proj,
                                                   lay.mlp.gate_up_proj, lay.mlp.down_proj)]
-        if any(lin.amx is None for lin in lins):
+        if any(getattr(lin, "amx", None) is None for lin in lins):  # (a quantized one has none)
             return None
         if any(lin.bias is not None for lay in layers for lin in (lay.self_attn.o_proj, lay.mlp.gate_up_proj,
                                                                   lay.mlp.down_proj)):
@@ -272,3 +302,25 @@ class AmxOps(OneDnnOps):
             x, rope[0], rope[1], *self.stack, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
             meta.slot_mapping, meta.block_tables, meta.row_seq, meta.row_ctx, attn.num_heads, attn.num_kv_heads,
             attn.head_dim, model.norm.eps, attn.scale)
+
+
+def pack_q8(lin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A QuantLinear's codes, scales and zero points -> vidya::linear_q8's (packed, scales,
+    scales * zeros), in strips of 16 output columns (kernels/csrc/quant_gemm.h has the layout)."""
+    n, k, bits = lin.out_features, lin.in_features, lin.bits
+    strips = -(-n // 16)
+    codes = torch.zeros(strips * 16, k, dtype=torch.uint8)
+    codes[:n] = unpack_codes(lin.qweight.detach(), bits)
+    if bits == 8:  # [S][K / 4][16][4]
+        packed = codes.view(strips, 16, k // 4, 4).permute(0, 2, 1, 3)
+    else:  # [S][K / 8][16][4], k 8j + i in the low nibble of byte i, 8j + 4 + i in the high one
+        c = codes.view(strips, 16, k // 8, 2, 4)
+        packed = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+
+    def by_strip(t: torch.Tensor) -> torch.Tensor:  # [N, G] -> [S][G][16], zero for padding columns
+        padded = t.new_zeros((strips * 16, t.shape[1]), dtype=torch.float32)
+        padded[:n] = t
+        return padded.view(strips, 16, -1).transpose(1, 2).contiguous()
+
+    scales = lin.scales.detach().float()
+    return packed.reshape(strips, -1).contiguous(), by_strip(scales), by_strip(scales * lin.zeros.detach().float())

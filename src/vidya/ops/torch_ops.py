@@ -50,7 +50,7 @@ class TorchOps:
     def linear(self, lin, x: torch.Tensor) -> torch.Tensor:
         if isinstance(lin, QuantLinear):  # the reference: dequantize, then the 16/32-bit product
             if lin.act_bits == 8:  # W8A8: the activations as the integer product would see them
-                x = quantize_activations(x)
+                x = quantize_activations(x, lin.act_group())
             bias = None if lin.bias is None else lin.bias.to(x.dtype)
             return F.linear(x, lin.dequantize(x.dtype), bias)
         return F.linear(x, lin.weight, lin.bias)

@@ -19,7 +19,7 @@ class TritonOps(TorchOps):
         if isinstance(lin, QuantLinear) and triton_quant.supported(lin):
             # (W8A8: activations quantized per token by torch first; an int8 tensor-core kernel
             # that takes them as integers is not written yet)
-            return triton_quant.quant_linear(quantize_activations(x) if lin.act_bits == 8 else x, lin)
+            return triton_quant.quant_linear(quantize_activations(x, lin.act_group()) if lin.act_bits == 8 else x, lin)
         return super().linear(lin, x)
 
     def add_rms_norm(self, x, residual, norm):

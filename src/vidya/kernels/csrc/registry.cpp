@@ -5,6 +5,7 @@
 #include "attention.h"
 #include "elementwise.h"
 #include "gemm.h"
+#include "quant_gemm.h"
 #if VIDYA_X86
 #include "x86/gemm_amx.h"
 #include "x86/decode_layers_amx.h"
@@ -24,6 +25,8 @@ TORCH_LIBRARY(vidya, m) {
   m.def("cpu_isa() -> int");
   m.def("bind_isa(int level) -> int");
   m.def("linear_w16(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, Tensor? bias, int n, int bits, "
+        "int group, bool act_per_token) -> Tensor");
   m.def("amx_available() -> bool");
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
@@ -62,6 +65,7 @@ TORCH_LIBRARY_IMPL(vidya, CPU, m) {
   m.impl("rotary_cache_", &rotary_cache_);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("linear_w16", &linear_w16);
+  m.impl("linear_q8", &linear_q8);
 #if VIDYA_X86
   m.impl("amx_pack", &amx_pack);
   m.impl("amx_linear", &amx_linear);

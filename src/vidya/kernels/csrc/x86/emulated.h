@@ -21,6 +21,7 @@
 // every function of the x86 kernels may use AVX2 here (the emulated build is compiled with it)
 #define VIDYA_AVX512BF16
 #define VIDYA_AMX
+#define VIDYA_AVX512VNNI
 
 namespace x86emu {
 
@@ -324,6 +325,33 @@ inline void tile_dpbf16ps(int dst, int a, int b) {
   }
 }
 
+// ---- integer: the 8-bit matmul (VNNI) ---------------------------------------------------------
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef int8_t i8x64 __attribute__((vector_size(64)));
+inline __m512i set1_epi8(char x) { u8x64 r; for (int i = 0; i < 64; ++i) r[i] = static_cast<uint8_t>(x); return (__m512i)r; }
+inline __m512i and_si512(__m512i a, __m512i b) { return (__m512i)((u32x16)a & (u32x16)b); }
+inline __m512i srli_epi16(__m512i a, unsigned imm) {
+  return imm > 15 ? setzero_si512() : (__m512i)((u16x32)a >> static_cast<uint16_t>(imm));
+}
+inline __m512 cvtepi32_ps(__m512i a) {
+  i32x16 x = (i32x16)a;
+  f32x16 r;
+  for (int i = 0; i < 16; ++i) r[i] = static_cast<float>(x[i]);
+  return (__m512)r;
+}
+// VPDPBUSD: each 32-bit lane += the sum of its 4 (unsigned a byte x signed b byte) products, wrapping
+inline __m512i dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
+  u8x64 ua = (u8x64)a;
+  i8x64 sb = (i8x64)b;
+  i32x16 r = (i32x16)src;
+  for (int i = 0; i < 16; ++i) {
+    int32_t sum = 0;
+    for (int j = 0; j < 4; ++j) sum += int32_t(ua[4 * i + j]) * int32_t(sb[4 * i + j]);
+    r[i] = static_cast<int32_t>(static_cast<uint32_t>(r[i]) + static_cast<uint32_t>(sum));
+  }
+  return (__m512i)r;
+}
+
 }  // namespace x86emu
 
 // The intrinsics' names, now the functions above (some are macros in GCC's headers: undefined first).
@@ -425,6 +453,16 @@ inline void tile_dpbf16ps(int dst, int a, int b) {
 #define _mm512_cvtne2ps_pbh x86emu::cvtne2ps_pbh
 #undef _mm512_dpbf16_ps
 #define _mm512_dpbf16_ps x86emu::dpbf16_ps
+#undef _mm512_set1_epi8
+#define _mm512_set1_epi8 x86emu::set1_epi8
+#undef _mm512_and_si512
+#define _mm512_and_si512 x86emu::and_si512
+#undef _mm512_srli_epi16
+#define _mm512_srli_epi16 x86emu::srli_epi16
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps x86emu::cvtepi32_ps
+#undef _mm512_dpbusd_epi32
+#define _mm512_dpbusd_epi32 x86emu::dpbusd_epi32
 #undef _tile_loadconfig
 #define _tile_loadconfig x86emu::tile_loadconfig
 #undef _tile_release

@@ -1,9 +1,11 @@
-// The AVX2 level's row of the dispatch table (dispatch.h): fp32 rows over 16-bit weights and cache.
+// The AVX2 level's row of the dispatch table (dispatch.h): fp32 rows over 16-bit weights and cache;
+// the 8-bit matmul on vpmaddubsw.
 #pragma once
 #include "../kernels.h"
 #include "attention_avx2.h"
 #include "elementwise_avx2.h"
 #include "gemm_avx2.h"
+#include "quant_gemm_avx2.h"
 
 namespace vidya {
 
@@ -14,6 +16,8 @@ inline void add_avx2(Kernels& k) {
   k.argmax_f32 = &argmax_row_f32;
   k.w16_tile = &w16_tile_for;
   k.widen_strip = &widen_strip;
+  k.q_tile = &q_tile_avx2_for;
+  k.q_quantize_row = &quantize_row_avx2;
 }
 
 }  // namespace vidya

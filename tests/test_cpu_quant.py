@@ -71,7 +71,7 @@ def test_linear_q8_gives_the_portable_bits_at_every_level_within_the_bound_of_th
         kernels.bind_isa(kernel.isa, ops)
     assert y.dtype == dtype and y.shape == (9, n) and level
     assert torch.equal(y, portable)
-    xq = quantize_activations(x.float(), 0 if per_token else group).double()
+    xq = quantize_activations(x.float(), 0 if per_token else min(group, 32)).double()
     w = lin.dequantize(torch.float32).double()
     ref = F.linear(xq, w, lin.bias.double())
     bound = BOUND * (xq.abs() @ w.abs().t() + lin.bias.double().abs()) + 1e-30
@@ -129,13 +129,11 @@ CPU_LEVELS = ["avx2", "avx512", "avx512_bf16", "amx"]
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_online_quantization_on_the_kernels_is_token_exact_with_int8_activations(tiny_models, backend, method):
     """On each level this CPU has (the others: the kernel tests above, emulated): int8 per channel
-    (activations per token) and int4 in groups (activations per group), plain, chunked and with
-    prefix hits."""
+    and int4 in groups, activations in blocks of 32, plain, chunked and with prefix hits."""
     if not isa_at_least(kernels.cpu_level(), backend):
         pytest.skip(f"this CPU offers {kernels.cpu_level()}, not {backend} (its tiles run emulated in the kernel tests)")
     model_dir, hf = tiny_models["llama"]
-    qc = QuantConfig("int4", 4, 128, False)
-    ref = with_int8_inputs(online_reference(hf, method), lambda k: 0 if method == "int8" else qc.group_of(k))
+    ref = with_int8_inputs(online_reference(hf, method), lambda k: 32)
     batch = prompts(hf.config.vocab_size)
     want = hf_tokens(ref, batch)
     engine = make_engine(model_dir, quantization=method, backend=backend)
@@ -152,11 +150,12 @@ def test_online_quantization_on_the_kernels_is_token_exact_with_int8_activations
                                                 ("compressed-tensors", 8, 16, False)])
 def test_a_quantized_checkpoint_on_the_kernels_is_token_exact_with_int8_activations(tiny_models, tmp_path, fmt, bits,
                                                                                     group, sym):
-    """W8A8's activations stay per token (as calibrated); the others' go per group of their weights."""
+    """W8A8's activations stay per token (as calibrated); the others' go in blocks of 32 (16 where
+    the weights' groups are)."""
     model_dir, hf = tiny_models["llama"]
     ref = quantized_checkpoint(model_dir, hf, tmp_path / "q", fmt, bits, group, sym)
     if fmt != "w8a8":  # (w8a8's reference has its per-token hooks already)
-        ref = with_int8_inputs(ref, lambda k: group if group > 0 else 0)
+        ref = with_int8_inputs(ref, lambda k: min(group, 32) if group > 0 else 32)
     batch = prompts(hf.config.vocab_size)
     engine = make_engine(str(tmp_path / "q"))
     assert engine.platform.backend == "cpu" and engine.quant.act_bits == 8
@@ -178,7 +177,7 @@ def test_a_gguf_on_the_kernels_gives_the_tokens_of_the_reference_with_int8_activ
     tok = tiny_models["llama"][0]
     batch = prompts(tiny_models["llama"][1].config.vocab_size)
     engine = make_engine(path, tokenizer=tok, quantization="gguf")
-    assert engine.quant.describe().endswith("W4/8A8 (activations per group)")
+    assert engine.quant.describe().endswith("W4/8A8 (activations in blocks of 32)")
     ref = make_engine(path, tokenizer=tok, quantization="gguf", backend="torch")
     for m in ref.runner.model.modules():  # the kernels' activation quantization, in the reference ops
         if isinstance(m, QuantLinear):

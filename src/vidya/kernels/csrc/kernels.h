@@ -33,8 +33,8 @@ using AttendTileBF16 = void (*)(const at::BFloat16* q, int64_t q_stride, int64_t
 using W16Tile = void (*)(const float* x, int64_t ldx, const at::BFloat16* strip, int64_t K, const float* bias16,
                          float* y, int64_t ldy, int64_t n_valid);
 
-// Rows of x quantized for the 8-bit matmul (quant_gemm.h): q int8 [rows][ldq]; xs (the scales) and
-// xt (scale * sum of q) [rows][K / group].
+// Rows of x quantized for the 8-bit matmul (quant_gemm.h): q int8 [rows][ldq]; xs (the scales)
+// [rows][K / sub]; xt (the zero term's sum of scale * q) [rows][K / group].
 struct QActs {
   const int8_t* q;
   int64_t ldq;
@@ -66,9 +66,9 @@ struct Kernels {
   // ---- GEMM (gemm.h: fp32 rows times 16-bit weight strips; x86/gemm_amx.h: AMX)
   W16Tile (*w16_tile)(int64_t rows) = nullptr;                       // rows 1..6
   void (*widen_strip)(const at::BFloat16* strip, int64_t K, float* buf, int64_t ld) = nullptr;
-  // one fp32 row of x quantized (quant_gemm.h's quantize_row's contract); group % 8 == 0
-  void (*q_quantize_row)(const float* x, int64_t K, int64_t group, bool per_token, int8_t* q, float* xs,
-                         float* xt) = nullptr;
+  // one fp32 row of x quantized (quant_gemm.h's quantize_row's contract); sub % 8 == 0
+  void (*q_quantize_row)(const float* x, int64_t K, int64_t sub, int64_t group, bool per_token, int8_t* q,
+                         float* xs, float* xt) = nullptr;
   QTile (*q_tile)(int64_t bits) = nullptr;                           // bits 4 or 8; group % 8 == 0
   bool amx = false;                                                  // the AMX matmul and tiles
 };

@@ -38,7 +38,7 @@ VIDYA_AVX2_FMA inline void q_zero_term(const QActs& a, const float* wz, int64_t 
 template <int R>
 VIDYA_AVX2_FMA void q4_tile_avx2_rows(const QActs& a, const uint8_t* strip, const float* ws, const float* wz,
                                       int64_t K, int64_t group, float* acc) {
-  const int64_t sub = std::min(group, kQSub), ng = K / group;
+  const int64_t sub = std::min(group, kQSub), ng = K / group, nb = K / sub;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int i = 0; i < R * 16; ++i) acc[i] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
@@ -62,8 +62,8 @@ VIDYA_AVX2_FMA void q4_tile_avx2_rows(const QActs& a, const uint8_t* strip, cons
       }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        q_flush8(_mm256_madd_epi16(s0[r], ones), ws + g * 16, a.xs[r * ng + g], acc + r * 16);
-        q_flush8(_mm256_madd_epi16(s1[r], ones), ws + g * 16 + 8, a.xs[r * ng + g], acc + r * 16 + 8);
+        q_flush8(_mm256_madd_epi16(s0[r], ones), ws + g * 16, a.xs[r * nb + k0 / sub], acc + r * 16);
+        q_flush8(_mm256_madd_epi16(s1[r], ones), ws + g * 16 + 8, a.xs[r * nb + k0 / sub], acc + r * 16 + 8);
       }
     }
     q_zero_term<R>(a, wz, g, ng, acc);
@@ -74,7 +74,7 @@ VIDYA_AVX2_FMA void q4_tile_avx2_rows(const QActs& a, const uint8_t* strip, cons
 template <int R>
 VIDYA_AVX2_FMA void q8_tile_avx2_rows(const QActs& a, const uint8_t* strip, const float* ws, const float* wz,
                                       int64_t K, int64_t group, float* acc) {
-  const int64_t sub = std::min(group, kQSub), ng = K / group;
+  const int64_t sub = std::min(group, kQSub), ng = K / group, nb = K / sub;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int i = 0; i < R * 16; ++i) acc[i] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
@@ -97,7 +97,7 @@ VIDYA_AVX2_FMA void q8_tile_avx2_rows(const QActs& a, const uint8_t* strip, cons
         for (int r = 0; r < R; ++r) {
           const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4),
                                                _mm256_madd_epi16(lo[r], ones));
-          q_flush8(dot, ws + g * 16 + h * 8, a.xs[r * ng + g], acc + r * 16 + h * 8);
+          q_flush8(dot, ws + g * 16 + h * 8, a.xs[r * nb + k0 / sub], acc + r * 16 + h * 8);
         }
       }
     }
@@ -117,26 +117,30 @@ VIDYA_AVX2_FMA inline float q_amax(const float* x, int64_t k0, int64_t k1) {
 }
 
 // quant_gemm.h's quantize_row, 8 k at a time (the same divisions and roundings, so the same bytes)
-VIDYA_AVX2_FMA inline void quantize_row_avx2(const float* x, int64_t K, int64_t group, bool per_token, int8_t* q,
-                                             float* xs, float* xt) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
+VIDYA_AVX2_FMA inline void quantize_row_avx2(const float* x, int64_t K, int64_t sub, int64_t group, bool per_token,
+                                             int8_t* q, float* xs, float* xt) {
   const float row_max = per_token ? q_amax(x, 0, K) : 0.f;
+  const __m256 lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
   for (int64_t g = 0; g < K / group; ++g) {
-    const float scale = std::max(per_token ? row_max : q_amax(x, g * group, (g + 1) * group), 1e-10f) / 127.f;
-    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
-    __m256i sum = _mm256_setzero_si256();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
-      sum = _mm256_add_epi32(sum, i);
-      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+    float t = 0.f;
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += sub) {
+      const float scale = std::max(per_token ? row_max : q_amax(x, k0, k0 + sub), 1e-10f) / 127.f;
+      const __m256 s = _mm256_set1_ps(scale);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + sub; k += 8) {
+        const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+        sum = _mm256_add_epi32(sum, i);
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+      }
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+      xs[k0 / sub] = scale;
+      t += scale * float(_mm_cvtsi128_si32(h));
     }
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-    xs[g] = scale;
-    xt[g] = scale * float(_mm_cvtsi128_si32(t));
+    xt[g] = t;
   }
 }
 

@@ -20,7 +20,7 @@ VIDYA_AVX512VNNI inline __m512i q_bcast4_512(const int8_t* p) {
 template <int Bits, int R>
 VIDYA_AVX512VNNI void q_tile_vnni_rows(const QActs& a, const uint8_t* strip, const float* ws, const float* wz,
                                        int64_t K, int64_t group, float* acc) {
-  const int64_t sub = std::min(group, kQSub), ng = K / group;
+  const int64_t sub = std::min(group, kQSub), ng = K / group, nb = K / sub;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 f[R];
 #pragma GCC unroll 4
@@ -51,7 +51,7 @@ VIDYA_AVX512VNNI void q_tile_vnni_rows(const QActs& a, const uint8_t* strip, con
       }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
-        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_mul_ps(wsg, _mm512_set1_ps(a.xs[r * ng + g])), f[r]);
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[r]), _mm512_mul_ps(wsg, _mm512_set1_ps(a.xs[r * nb + k0 / sub])), f[r]);
     }
     const __m512 wzg = _mm512_loadu_ps(wz + g * 16);
 #pragma GCC unroll 4

@@ -33,40 +33,43 @@ VIDYA_AVX2_FMA inline void q_zero_term(const QActs& a, const float* wz, int64_t 
     }
 }
 
-// 4-bit: both halves of the strip in one pass over k, so that each row's activations are
-// broadcast once for 16 columns (R = 4: 8 accumulators, 4 code vectors, 2 broadcasts)
+// 4-bit: a half strip (8 columns) at a time, its float sums in registers across the groups
+// (R = 4: 4 16-bit and 4 float accumulators, 2 code vectors, 2 broadcasts)
 template <int R>
 VIDYA_AVX2_FMA void q4_tile_avx2_rows(const QActs& a, const uint8_t* strip, const float* ws, const float* wz,
                                       int64_t K, int64_t group, float* acc) {
   const int64_t sub = std::min(group, kQSub), ng = K / group, nb = K / sub;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int i = 0; i < R * 16; ++i) acc[i] = 0.f;
-  for (int64_t g = 0; g < ng; ++g) {
-    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += sub) {
-      __m256i s0[R], s1[R];
+  for (int h = 0; h < 2; ++h) {
+    __m256 f[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) s0[r] = s1[r] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + sub; k += 8) {
-        const uint8_t* p = strip + (k / 8) * 64;
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-        const __m256i c00 = _mm256_and_si256(v0, low), c01 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-        const __m256i c10 = _mm256_and_si256(v1, low), c11 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+    for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m256 wsg = _mm256_loadu_ps(ws + g * 16 + h * 8);
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += sub) {
+        __m256i s0[R];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const int8_t* q = a.q + r * a.ldq + k;
-          const __m256i xa = q_bcast4(q), xb = q_bcast4(q + 4);
-          s0[r] = _mm256_add_epi16(s0[r], _mm256_add_epi16(_mm256_maddubs_epi16(c00, xa), _mm256_maddubs_epi16(c01, xb)));
-          s1[r] = _mm256_add_epi16(s1[r], _mm256_add_epi16(_mm256_maddubs_epi16(c10, xa), _mm256_maddubs_epi16(c11, xb)));
+        for (int r = 0; r < R; ++r) s0[r] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k0 + sub; k += 8) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(strip + (k / 8) * 64 + h * 32));
+          const __m256i c0 = _mm256_and_si256(v, low), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const int8_t* q = a.q + r * a.ldq + k;
+            s0[r] = _mm256_add_epi16(s0[r], _mm256_add_epi16(_mm256_maddubs_epi16(c0, q_bcast4(q)),
+                                                             _mm256_maddubs_epi16(c1, q_bcast4(q + 4))));
+          }
         }
-      }
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        q_flush8(_mm256_madd_epi16(s0[r], ones), ws + g * 16, a.xs[r * nb + k0 / sub], acc + r * 16);
-        q_flush8(_mm256_madd_epi16(s1[r], ones), ws + g * 16 + 8, a.xs[r * nb + k0 / sub], acc + r * 16 + 8);
+        for (int r = 0; r < R; ++r)
+          f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0[r], ones)),
+                                 _mm256_mul_ps(wsg, _mm256_set1_ps(a.xs[r * nb + k0 / sub])), f[r]);
       }
+      const __m256 wzg = _mm256_loadu_ps(wz + g * 16 + h * 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) f[r] = _mm256_fnmadd_ps(wzg, _mm256_set1_ps(a.xt[r * ng + g]), f[r]);
     }
-    q_zero_term<R>(a, wz, g, ng, acc);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * 16 + h * 8, f[r]);
   }
 }
 

@@ -183,3 +183,21 @@ def test_a_gguf_on_the_kernels_gives_the_tokens_of_the_reference_with_int8_activ
         if isinstance(m, QuantLinear):
             m.act_bits, m.act_per_group = 8, True
     assert greedy_tokens(engine, batch) == greedy_tokens(ref, batch)
+
+
+def test_the_server_serves_a_quantized_model_on_the_kernels_and_says_how(tiny_models):
+    import httpx
+    import openai
+    from serverutil import LiveServer
+    s = LiveServer("--model", tiny_models["llama"][0], "--served-model-name", "tiny", "--max-model-len", "256",
+                   "--no-tutor-warmup", "--kv-cache-memory", "1", "--quantization", "int4")
+    try:
+        backend = httpx.get(s.url + "/version").json()["backend"]
+        assert backend["backend"] == "cpu"
+        assert backend["quantization"] == "int4 W4A8 g128 asym (activations in blocks of 32)"
+        assert "int4 W4A8 g128 asym (activations in blocks of 32) weights" in s.log()  # the start-up line
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        out = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+    finally:
+        s.terminate()

@@ -301,7 +301,7 @@ def test_the_fused_decode_stack_is_the_models_own_forward(kernel, arch):
 def test_the_emulated_kernels_agree_with_the_cpu_that_has_the_level(level):
     """Where this CPU has the level itself, the emulated build (which the `kernel` fixture uses on
     CPUs without it) gives what the hardware gives: paged attention's rows and tiles, and at AMX
-    the matmul, up to the order of the hardware's sums."""
+    the matmul, up to the order of the hardware's sums; the 8-bit matmul bit for bit."""
     have = kernels.cpu_level()
     if not isa_at_least(have, level):
         pytest.skip(f"this CPU offers {have}, not {level}: nothing to check the emulation against")
@@ -312,14 +312,20 @@ def test_the_emulated_kernels_agree_with_the_cpu_that_has_the_level(level):
     q = torch.randn(3 + 20, 8, 128, generator=g).to(torch.bfloat16)
     row_seq = torch.tensor([0, 1, 2] + [2] * 20)
     row_ctx = torch.tensor([5, 33, 70] + list(range(71, 91)))
-    outs = []
+    from test_cpu_quant import random_linear
+    from vidya.ops.cpu import pack_q8
+    lin = random_linear(4, 32, 48, 256, True, seed=3)
+    xq = torch.randn(21, 256, generator=g)
+    outs, q8 = [], []
     for ops in (torch.ops.vidya, emu):
         assert kernels.bind_isa(level, ops) == level
         outs.append(ops.paged_attention(q, k_cache, v_cache, tables, row_seq, row_ctx, 128 ** -0.5))
+        q8.append(ops.linear_q8(xq, *pack_q8(lin), lin.bias, 48, 4, 32, False))  # (VNNI, and AMX-INT8 at amx)
         if level == "amx":
             w = (torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.05).to(torch.bfloat16)
             outs.append(ops.amx_linear(q.view(-1, 1024)[:, :512].contiguous(), ops.amx_pack(w), None))
         kernels.bind_isa(kernels.cpu_level(ops), ops)
+    assert torch.equal(q8[0], q8[1])  # integer sums and a fixed order of float arithmetic: the same bits
     half = len(outs) // 2
     for hw, sw in zip(outs[:half], outs[half:]):
         torch.testing.assert_close(sw.float(), hw.float(), atol=1e-2, rtol=1e-2)

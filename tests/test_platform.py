@@ -26,7 +26,7 @@ AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 @pytest.mark.parametrize("flags,want", [
     (set(), "generic"), ({"sse4_2", "avx"}, "generic"), (AVX2, "avx2"), (AVX512, "avx512"),
     (AVX512 | {"avx512_bf16", "avx512_vnni"}, "avx512_bf16"),
-    (AVX512 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}, "amx"),
+    (AVX512 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}, "amx"),
     (AVX512 | {"avx512_bf16"}, "avx512"),  # (no such CPU is known: the level's 8-bit matmul needs VNNI)
     ({"amx_tile", "amx_bf16"} | AVX2, "avx2"),  # AMX flags without AVX-512 BF16: not an AMX path
 ])

@@ -35,7 +35,8 @@ REQUIRE_GPU_ENV_VAR = "VIDYA_REQUIRE_GPU"
 TP_TIMEOUT_ENV_VAR = "VIDYA_TP_TIMEOUT_S"  # seconds a collective inside a step waits for a rank (default 120)
 # /proc/cpuinfo flags each ISA level needs
 _NEEDS = {
-    "amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "amx": {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx512bw", "avx512vl",
+            "avx512dq"},
     # (every CPU with AVX-512 BF16 has VNNI too; the 8-bit matmul at this level needs it)
     "avx512_bf16": {"avx512_bf16", "avx512_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},

@@ -51,7 +51,8 @@ inline int64_t cpu_isa() {
           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
       return int64_t(kAvx2);
     if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))) return int64_t(kAvx512);
-    if (!(__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile"))) return int64_t(kAvx512Bf16);
+    if (!(__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-int8") && __builtin_cpu_supports("amx-tile")))
+      return int64_t(kAvx512Bf16);
     // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
     return int64_t(syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? kAmx : kAvx512Bf16);
 #else

@@ -41,9 +41,10 @@ struct QActs {
   const float* xs;
   const float* xt;
 };
-constexpr int64_t kQRows = 4;
+constexpr int64_t kQRows = 4;      // rows a tile takes at most (the AMX one: kQMaxRows)
+constexpr int64_t kQMaxRows = 16;
 constexpr int64_t kQSub = 32;  // k per integer sub-block (quant_gemm.h)
-// Up to kQRows rows of quantized x times one 16-column strip of 4/8-bit codes (quant_gemm.h's layout
+// Up to q_rows (kQRows, or kQMaxRows on AMX) rows of quantized x times one 16-column strip of 4/8-bit codes (quant_gemm.h's layout
 // and order of arithmetic); acc [rows][16].
 using QTile = void (*)(int64_t rows, const QActs& a, const uint8_t* strip, const float* ws, const float* wz,
                        int64_t K, int64_t group, float* acc);
@@ -70,6 +71,7 @@ struct Kernels {
   void (*q_quantize_row)(const float* x, int64_t K, int64_t sub, int64_t group, bool per_token, int8_t* q,
                          float* xs, float* xt) = nullptr;
   QTile (*q_tile)(int64_t bits) = nullptr;                           // bits 4 or 8; group % 8 == 0
+  int64_t q_rows = kQRows;                                           // rows its tiles take (<= kQMaxRows)
   bool amx = false;                                                  // the AMX matmul and tiles
 };
 

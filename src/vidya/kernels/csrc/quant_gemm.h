@@ -139,14 +139,15 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* y32 = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   at::BFloat16* y16 = y32 ? nullptr : y.data_ptr<at::BFloat16>();
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    float acc[kQRows * 16];
+    alignas(64) float acc[kQMaxRows * 16];
+    const int64_t step = tile ? k.q_rows : kQRows;
     for (int64_t s = s0; s < s1; ++s) {
       const uint8_t* strip = wp + s * K * bits * 2;
       const float* sws = wsp + s * ng * 16;
       const float* swz = wzp + s * ng * 16;
       const int64_t n0 = s * 16, nv = std::min<int64_t>(16, N - n0);
-      for (int64_t m = 0; m < M; m += kQRows) {
-        const int64_t rows = std::min(kQRows, M - m);
+      for (int64_t m = 0; m < M; m += step) {
+        const int64_t rows = std::min(step, M - m);
         const QActs a{q.data() + m * K, K, xs.data() + m * nb, xt.data() + m * ng};
         if (tile) tile(rows, a, strip, sws, swz, K, group, acc);
         else if (bits == 8) q_tile_portable<8>(rows, a, strip, sws, swz, K, group, acc);

@@ -22,6 +22,7 @@
 #define VIDYA_AVX512BF16
 #define VIDYA_AMX
 #define VIDYA_AVX512VNNI
+#define VIDYA_AMX_INT8
 
 namespace x86emu {
 
@@ -325,6 +326,24 @@ inline void tile_dpbf16ps(int dst, int a, int b) {
   }
 }
 
+// TDPBSUD: dst[m][n] += sum over k of the 4 products a[m][4k + i] (signed) x b[k][4n + i] (unsigned)
+inline void tile_dpbsud(int dst, int a, int b) {
+  Tiles& t = tiles();
+  const int M = t.rows[dst], N = t.colsb[dst] / 4, K = t.colsb[a] / 4;
+  for (int m = 0; m < M; ++m) {
+    int32_t c[16];
+    std::memcpy(c, t.data[dst][m], 64);
+    for (int k = 0; k < K; ++k)
+      for (int n = 0; n < N; ++n) {
+        int32_t sum = 0;
+        for (int i = 0; i < 4; ++i)
+          sum += int32_t(static_cast<int8_t>(t.data[a][m][4 * k + i])) * int32_t(t.data[b][k][4 * n + i]);
+        c[n] = static_cast<int32_t>(static_cast<uint32_t>(c[n]) + static_cast<uint32_t>(sum));
+      }
+    std::memcpy(t.data[dst][m], c, 64);
+  }
+}
+
 // ---- integer: the 8-bit matmul (VNNI) ---------------------------------------------------------
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
@@ -473,5 +492,7 @@ inline __m512i dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
 #define _tile_loadd x86emu::tile_loadd
 #undef _tile_stored
 #define _tile_stored x86emu::tile_stored
+#undef _tile_dpbsud
+#define _tile_dpbsud x86emu::tile_dpbsud
 #undef _tile_dpbf16ps
 #define _tile_dpbf16ps x86emu::tile_dpbf16ps

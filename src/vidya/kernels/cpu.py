@@ -7,7 +7,7 @@ warning) and vidya/platform.py picks the torch reference ops instead. Nothing he
 ISA runs: platform.py binds that once (`bind_isa`).
 
 For the tests, `emulated_ops()` builds the same sources a second time with csrc/x86/emulated.h:
-the AVX-512 BF16 and AMX paths with those instructions done in software, registered as
+the AVX-512 BF16 / VNNI and AMX (BF16, INT8) paths with those instructions done in software, registered as
 torch.ops.vidya_emu (the C++ namespace renamed too, so the two builds share no symbol), so that
 every kernel path is compared with the torch reference on any x86 CPU with AVX2."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Software stand-ins for the AVX-512 (F, BW, DQ, VL, BF16) and AMX intrinsics the kernels use, for
+// Software stand-ins for the AVX-512 (F, BW, DQ, VL, BF16, VNNI) and AMX (BF16, INT8) intrinsics the kernels use, for
 // tests only. vidya/kernels/cpu.py's emulated build (VIDYA_EMULATE, on any x86 CPU with AVX2)
 // includes this after <immintrin.h>: each intrinsic name becomes a macro for the function below,
 // so the AVX-512 BF16 and AMX paths compile unchanged to plain C++ and run on CPUs that lack those

@@ -61,6 +61,9 @@ def serve_8b(device: torch.device, workdir: str, smoke: bool, gb_s: float, memor
                                   max_model_len=p_len + o_len, max_num_seqs=256,  # the default token budget
                                   gpu_memory_utilization=util, kv_cache_memory=0.1, show_progress=True,
                                   quantization=quantization,  # (online int8/int4 over the dummy weights)
+                                  # (a smoke run on a CPU: the reference ops' W?A16, as a GPU serves it, not
+                                  # the CPU kernels' int8 activations)
+                                  backend="torch" if quantization and device.type == "cpu" else "auto",
                                   kv_cache_dtype=kv_cache_dtype,
                                   # (smoke: the GPU's defaults and their bookkeeping, on CPU)
                                   overlap_outputs=True if smoke else None,

@@ -201,3 +201,28 @@ def test_the_server_serves_a_quantized_model_on_the_kernels_and_says_how(tiny_mo
         assert out.usage.completion_tokens == 4
     finally:
         s.terminate()
+
+
+@pytest.mark.parametrize("ops_class,dtype", [("CpuOps", torch.float32), ("Wide16Ops", torch.float32),
+                                             ("OneDnnOps", torch.bfloat16)])
+def test_every_cpu_ops_class_packs_quantized_projections_and_runs_them_on_linear_q8(ops_class, dtype):
+    """Whichever way a class holds its 16-bit weights, `prepare` packs a QuantLinear once (its own
+    tensors released) and `linear` / `gated_act` run it through vidya::linear_q8."""
+    from torch import nn
+    import vidya.ops.cpu as cpu_ops
+    from vidya.platform import Platform
+    weight_dtype = torch.bfloat16 if ops_class == "Wide16Ops" else dtype
+    ops = getattr(cpu_ops, ops_class)(Platform(torch.device("cpu"), "cpu", "avx2", dtype, weight_dtype, weight_dtype,
+                                               attention="cpu"))
+    model = nn.Module()  # an MLP's shape: oneDNN splits a SiLU MLP's 16-bit gate_up, never a quantized one
+    model.gate_up_proj, model.act = random_linear(4, 32, 64, 96, True, seed=7), "silu"
+    want_packed = pack_q8(model.gate_up_proj)
+    ops.prepare(model)
+    lin = model.gate_up_proj
+    assert lin.qweight.stride() == (0, 0) and all(torch.equal(a, b) for a, b in zip(lin.q8, want_packed))
+    x = torch.randn(5, 96).to(dtype)
+    with torch.inference_mode():
+        want = torch.ops.vidya.linear_q8(x, *want_packed, lin.bias, 64, 4, 32, not lin.act_per_group)
+        assert torch.equal(ops.linear(lin, x), want)
+        gate, up = want.float().chunk(2, dim=-1)
+        torch.testing.assert_close(ops.gated_act(lin, x, "silu").float(), F.silu(gate) * up, atol=2e-2, rtol=2e-2)

@@ -54,22 +54,26 @@ class CpuOps(TorchOps):
         self.sdpa_prefill = not tiles
 
     def prepare(self, model) -> None:
-        self.pack_quantized(model)
-
-    @staticmethod
-    def pack_quantized(model) -> None:
-        """Every quantized projection in linear_q8's layout (`q8`); its own tensors are released."""
+        """Every quantized projection in linear_q8's layout (`q8`), its own tensors released; then
+        the 16/32-bit ones as the class holds them (`prepare_dense`)."""
         for m in model.modules():
             if isinstance(m, QuantLinear) and not hasattr(m, "q8"):
                 m.q8 = pack_q8(m)
                 for p in (m.qweight, m.scales, m.zeros):
                     release(p)
+        self.prepare_dense(model)
         return_freed_memory()
+
+    def prepare_dense(self, model) -> None:
+        pass
 
     def linear(self, lin, x):
         if isinstance(lin, QuantLinear):
             return self.kernels.linear_q8(x, *lin.q8, lin.bias, lin.out_features, lin.bits, lin.group_size,
                                           not lin.act_per_group)
+        return self.dense_linear(lin, x)
+
+    def dense_linear(self, lin, x):
         return super().linear(lin, x)
 
     def add_rms_norm(self, x, residual, norm):
@@ -150,8 +154,7 @@ class Wide16Ops(CpuOps):
     (`w16`), the embedding held in bf16 (a tied one is read from the lm_head's strips), all
     widened to fp32 in registers; the fp32 weights are released."""
 
-    def prepare(self, model) -> None:
-        self.pack_quantized(model)
+    def prepare_dense(self, model) -> None:
         packed: dict[int, torch.Tensor] = {}
         for m in model.modules():
             if isinstance(m, nn.Linear):
@@ -175,9 +178,7 @@ class Wide16Ops(CpuOps):
             return embedding.w16[ids // 16, :, pos].float()
         return F.embedding(ids, embedding.w16).float()
 
-    def linear(self, lin, x):
-        if isinstance(lin, QuantLinear):
-            return super().linear(lin, x)
+    def dense_linear(self, lin, x):
         return self.kernels.linear_w16(x, lin.w16, lin.bias, lin.out_features)
 
 
@@ -187,8 +188,7 @@ class OneDnnOps(CpuOps):
     matmuls with SiLU and the product in their epilogues."""
     batch_hint = 64
 
-    def prepare(self, model) -> None:
-        self.pack_quantized(model)
+    def prepare_dense(self, model) -> None:
         reorder = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.batch_hint)
         # a SiLU-gated MLP's gate_up only ever runs through gated_act: its two halves, not the whole
         halved = {id(m.gate_up_proj) for m in model.modules() if getattr(m, "act", None) == "silu"}
@@ -202,9 +202,7 @@ class OneDnnOps(CpuOps):
             else:
                 m.packed = reorder(w)
 
-    def linear(self, lin, x):
-        if isinstance(lin, QuantLinear):
-            return super().linear(lin, x)
+    def dense_linear(self, lin, x):
         return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
 
     def gated_act(self, gate_up, x, act):
@@ -227,8 +225,8 @@ class AmxOps(OneDnnOps):
         super().__init__(platform, kernels)
         self.stack: tuple | None = None
 
-    def prepare(self, model) -> None:
-        super().prepare(model)  # oneDNN's copies, for prefill-sized batches
+    def prepare_dense(self, model) -> None:
+        super().prepare_dense(model)  # oneDNN's copies, for prefill-sized batches
         self.pack_tiles(model)
 
     def pack_tiles(self, model) -> None:
@@ -278,10 +276,10 @@ class AmxOps(OneDnnOps):
     def _small(self, lin, x) -> bool:
         return getattr(lin, "amx", None) is not None and x.shape[0] <= self.MAX_ROWS
 
-    def linear(self, lin, x):
+    def dense_linear(self, lin, x):
         if self._small(lin, x):
             return self.kernels.amx_linear(x, lin.amx, lin.bias)
-        return super().linear(lin, x)
+        return super().dense_linear(lin, x)
 
     def gated_act(self, gate_up, x, act):
         if act == "silu" and self._small(gate_up, x) and gate_up.bias is None:
